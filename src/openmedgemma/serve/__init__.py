@@ -1,0 +1,1 @@
+"""openmedgemma.serve"""
