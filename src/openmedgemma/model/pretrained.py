@@ -21,8 +21,14 @@ def params_on_meta():
 
     Buffers such as RoPE frequencies are computed at construction and not stored in checkpoints,
     so they must be materialized; parameters are then assigned straight from the mapped files.
+    Random init of meta tensors is skipped: their values are never used, and torch's meta kernel
+    for normal_ (nn.Embedding's init) imports torch._dynamo, which costs ~2 s per process.
     """
     original = nn.Module.register_parameter
+    original_normal = torch.Tensor.normal_
+
+    def normal_(tensor, *args, **kwargs):
+        return tensor if tensor.is_meta else original_normal(tensor, *args, **kwargs)
 
     def register(module, name, param):
         original(module, name, param)
@@ -30,10 +36,12 @@ def params_on_meta():
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     nn.Module.register_parameter = register
+    torch.Tensor.normal_ = normal_
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        torch.Tensor.normal_ = original_normal
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
