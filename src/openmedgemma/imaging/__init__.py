@@ -1,1 +1,48 @@
-"""openmedgemma.imaging"""
+"""openmedgemma.imaging: DICOM / PNG / JPEG / TIFF / NIfTI / whole-slide -> MedGemma input.
+
+    image = load_image("ct.dcm")                 # MedicalImage
+    rgb = to_rgb(image)                           # uint8 [H, W, 3], CT windows into R, G, B
+    pixel_values = to_pixel_values([rgb])         # torch [1, 3, 896, 896], as Gemma3ImageProcessor
+
+    volume = load_series("series_folder/")        # sorted along the slice normal
+    content = volume_messages(volume, instruction, question)   # <= 85 slices, "SLICE n" labels
+
+Exports resolve lazily so that importing the package (and the CLI) stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "MedicalImage": "image",
+    "VOILUT": "image",
+    "load_image": "loader",
+    "to_rgb": "windowing",
+    "PRESETS": "windowing",
+    "load_series": "series",
+    "sample_slices": "series",
+    "sample_indices": "series",
+    "volume_messages": "series",
+    "pad_to_square": "pixel_values",
+    "to_pixel_values": "pixel_values",
+    "tile_slide": "slide",
+    "SlidePatches": "slide",
+    "deidentify": "deid",
+    "UIDMapper": "deid",
+    "DEFAULT_MAX_PIXELS": "sniff",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'openmedgemma.imaging' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"openmedgemma.imaging.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

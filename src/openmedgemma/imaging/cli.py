@@ -1,0 +1,151 @@
+"""`openmedgemma preview` and `openmedgemma deid`.
+
+preview FILE|FOLDER --out PNG: writes the RGB image the model will see, before the resize to
+    896, so windows can be checked. A 2-D image is written as is. A series folder, a multi-frame
+    file or a NIfTI volume is sampled like the model input (at most 85 slices) and written as a
+    contact sheet: slices in SLICE order, row by row, on a grid ceil(sqrt(n)) slices wide, at
+    native resolution; `--slice N` writes only SLICE N (1-based, as in the prompt) instead.
+deid IN OUT: de-identifies a DICOM file, or every DICOM file of a folder into a mirrored tree.
+    Never writes into IN; refuses OUT equal to IN or inside it. Non-DICOM files are not copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from openmedgemma.errors import ImageError
+
+
+def register(subparsers) -> None:
+    preview = subparsers.add_parser(
+        "preview",
+        help="write the RGB image MedGemma will see for a medical image, series or volume",
+        description=__doc__.split("\n\n", 1)[1].split("deid IN OUT")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    preview.add_argument("source", metavar="FILE", help="image file, or a folder holding one DICOM series")
+    preview.add_argument("--out", required=True, metavar="PNG", help="PNG file to write")
+    windows = preview.add_mutually_exclusive_group()
+    windows.add_argument("--preset", help="CT window preset: medgemma (default) or report-v4")
+    windows.add_argument(
+        "--window", nargs="+", type=float, metavar="LOW HIGH",
+        help="custom windows on modality values (HU for CT): 3 pairs for R G B, or 1 pair for gray",
+    )
+    preview.add_argument("--slice", type=int, metavar="N", help="write only SLICE N of a volume (1-based)")
+    preview.add_argument("--modality", help="modality for formats without one (e.g. CT for a NIfTI in HU)")
+    preview.add_argument("--series-uid", help="SeriesInstanceUID to use when a folder mixes series")
+    preview.set_defaults(func=run_preview)
+
+    deid = subparsers.add_parser(
+        "deid",
+        help="de-identify DICOM files (PS3.15 Basic Application Level Confidentiality Profile)",
+        description="De-identify a DICOM file or a folder tree into OUT (never modifies IN).",
+    )
+    deid.add_argument("source", metavar="IN", help="DICOM file or folder")
+    deid.add_argument("target", metavar="OUT", help="output file or folder (must not be IN or inside IN)")
+    deid.add_argument(
+        "--allow-burned-in", action="store_true",
+        help="also process files flagged BurnedInAnnotation=YES (their pixels may still show PHI)",
+    )
+    deid.set_defaults(func=run_deid)
+
+
+def _windows(args) -> object:
+    if args.window is None:
+        return args.preset
+    values = args.window
+    if len(values) not in (2, 6):
+        raise ImageError(f"--window takes 2 or 6 numbers (LOW HIGH per window), got {len(values)}")
+    return [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+
+
+def run_preview(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from openmedgemma.imaging.loader import load_image
+    from openmedgemma.imaging.series import load_series, sample_slices
+    from openmedgemma.imaging.windowing import to_rgb
+
+    windows = _windows(args)  # argument errors before any reading
+    source = Path(args.source)
+    if source.is_dir():
+        image = load_series(source, series_uid=args.series_uid)
+    else:
+        image = load_image(source, modality=args.modality)
+    for warning in image.warnings:
+        print(f"openmedgemma preview: warning: {warning}", file=sys.stderr)
+    is_volume = image.pixels.ndim == (4 if image.is_colour else 3)
+    if not is_volume:
+        if args.slice is not None:
+            raise ImageError(f"{source}: --slice applies to a series or volume; this is one 2-D image")
+        rgb, what = to_rgb(image, windows), "image"
+    else:
+        sampled = sample_slices(image)
+        slices = to_rgb(sampled, windows)
+        if args.slice is not None:
+            if not 1 <= args.slice <= len(slices):
+                raise ImageError(f"{source}: --slice {args.slice} is outside SLICE 1..{len(slices)}")
+            rgb, what = slices[args.slice - 1], f"SLICE {args.slice} of {len(slices)}"
+        else:
+            rgb = contact_sheet(slices)
+            what = f"contact sheet of {len(slices)} of {image.frames} slices"
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(rgb)).save(out, format="PNG")
+    except OSError as err:
+        raise ImageError(f"{out}: cannot write the preview ({err.strerror or err})") from None
+    print(f"preview: wrote {out} ({what}, {rgb.shape[1]}x{rgb.shape[0]} RGB)")
+    return 0
+
+
+def contact_sheet(slices):
+    """[n, H, W, 3] -> one [rows*H, cols*W, 3] image, row-major, cols = ceil(sqrt(n))."""
+    import numpy as np
+
+    count, height, width = slices.shape[:3]
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    sheet = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
+    for index, tile in enumerate(slices):
+        r, c = divmod(index, columns)
+        sheet[r * height:(r + 1) * height, c * width:(c + 1) * width] = tile
+    return sheet
+
+
+def run_deid(args) -> int:
+    from tqdm import tqdm
+
+    from openmedgemma.imaging.deid import UIDMapper
+    from openmedgemma.imaging.deid_files import (
+        DeidReport, check_output_location, deidentify_file, deidentify_tree, plan_tree,
+    )
+
+    source, target = Path(args.source), Path(args.target)
+    if not source.exists():
+        raise ImageError(f"{source}: no such file or folder")
+    mapper = UIDMapper()
+    if source.is_file():
+        if target.is_dir():
+            target = target / source.name
+        check_output_location(source, target)
+        deidentify_file(source, target, mapper, allow_burned_in=args.allow_burned_in)
+        print(f"deid: 1 file de-identified -> {target}")
+        return 0
+    check_output_location(source, target)
+    report = DeidReport()
+    pairs = plan_tree(source, target)
+    progress = tqdm(total=len(pairs), unit="file", desc="deid", file=sys.stderr, disable=None)
+    for _ in deidentify_tree(pairs, mapper, report, allow_burned_in=args.allow_burned_in):
+        progress.update(1)
+    progress.close()
+    for _, reason in report.failed:
+        print(f"openmedgemma deid: failed: {reason}", file=sys.stderr)
+    print(f"deid: {report.summary()} -> {target}")
+    if report.failed:
+        raise ImageError(f"{source}: {len(report.failed)} file(s) could not be de-identified (listed above)")
+    return 0
