@@ -20,8 +20,7 @@ def load_chat_model(path: str):
 
 
 def load_embedder(path: str):
-    raise OpenMedGemmaError(
-        f"cannot load {path}: the MedSigLIP model is not available in this build yet, so "
-        "embedding tasks have no embedder to run (any object implementing "
-        "openmedgemma.eval.protocols.Embedder works)"
-    )
+    """A MedSigLIP checkpoint folder (config.json, safetensors, spiece.model) as an Embedder."""
+    from openmedgemma.eval.embedder import MedSigLIPEmbedder
+
+    return MedSigLIPEmbedder.from_pretrained(path)

@@ -18,12 +18,14 @@ from openmedgemma.tokenizer.chat import (
     render_chat,
 )
 from openmedgemma.tokenizer.core import SPECIAL_TOKENS, IncrementalDecoder, Tokenizer
+from openmedgemma.tokenizer.siglip import SiglipTextTokenizer
 from openmedgemma.tokenizer.thinking import THOUGHT_END, THOUGHT_START, split_thinking
 
 __all__ = [
     "CHAT_TEMPLATE",
     "IMAGE_SEQ_LENGTH",
     "SPECIAL_TOKENS",
+    "SiglipTextTokenizer",
     "THOUGHT_END",
     "THOUGHT_START",
     "IncrementalDecoder",
