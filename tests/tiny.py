@@ -83,3 +83,56 @@ def image_prompt(images: int, text: list[int] | None = None, seed: int = 0) -> t
 
 def pixels(n: int, size: int = IMAGE_SIZE, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# --- generation (tests/engine) ------------------------------------------------------------------
+
+
+def randomize_for_generation(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights whose greedy continuations vary (std 0.15) with small token embeddings (std 0.02).
+
+    With the tied head and embeddings as large as the other weights, a random Gemma repeats its input
+    token forever, which would make generation comparisons weak.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "embed_tokens" in name else 0.15))
+
+
+def hf_generation_model(config: dict, seed: int = 0):
+    """`hf_model` with `randomize_for_generation` weights and stopping disabled (no eos)."""
+    model = hf_model(config)
+    randomize_for_generation(model, seed)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+CHAT_CORPUS = [
+    "The chest X-ray shows a small left pleural effusion and no pneumothorax.",
+    "No acute cardiopulmonary process. The heart size is normal.",
+    "Describe the image. What is the most likely diagnosis? Answer with one word.",
+    "thought The lungs are clear. Final Answer: (B) yes no normal abnormal",
+] * 4
+CHAT_VOCAB = 400  # compact tokenizer: pad 0, eos 1, bos 2, <end_of_turn> 6, boi 7, eoi 8, image 9
+
+
+def chat_checkpoint(folder, multimodal: bool = True, seed: int = 0):
+    """A tiny checkpoint folder with a matching compact tokenizer (config.json, safetensors, tokenizer.json)."""
+    from openmedgemma.config import from_hf_config
+    from openmedgemma.model.medgemma import MedGemma
+    from openmedgemma.tokenizer import Tokenizer, build_tokenizer
+
+    build_tokenizer(folder, "compact", CHAT_CORPUS, vocab_size=CHAT_VOCAB)
+    tok = Tokenizer.from_pretrained(folder)
+    text = gemma_text_hf_config(vocab_size=CHAT_VOCAB, eos_token_id=[tok.eos_id, tok.end_of_turn_id])
+    if multimodal:
+        text.pop("architectures")
+        config = dict(gemma_mm_hf_config(), text_config=text, boi_token_index=tok.boi_id, eoi_token_index=tok.eoi_id,
+                      image_token_index=tok.image_token_id)  # fmt: skip
+    else:
+        config = text
+    model = MedGemma(from_hf_config(config))
+    randomize_for_generation(model, seed)
+    model.save_pretrained(folder)
+    return folder

@@ -17,6 +17,8 @@ from openmedgemma.errors import OpenMedGemmaError
 COMMAND_MODULES = [
     "openmedgemma.imaging.cli",
     "openmedgemma.eval.cli",
+    "openmedgemma.engine.cli",
+    "openmedgemma.train.cli",
 ]
 
 

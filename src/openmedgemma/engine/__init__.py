@@ -1,1 +1,35 @@
-"""openmedgemma.engine"""
+"""openmedgemma.engine: generation for MedGemma (KV cache, batching, streaming, int8) and the ask/chat CLI.
+
+    from openmedgemma.engine import Engine, GenerationConfig
+    engine = Engine.from_pretrained("path/to/medgemma-4b-it")
+    [result] = engine.generate([[{"role": "user", "content": "What is a pneumothorax?"}]],
+                               GenerationConfig(max_new_tokens=128))
+    print(result.text)
+
+Low level (RL training): `generate_ids(model, prompts, images, config, stop_ids) -> list[list[int]]`.
+Names are resolved lazily so that importing the CLI module does not import torch.
+"""
+
+_EXPORTS = {
+    "Engine": "openmedgemma.engine.engine",
+    "GenerationResult": "openmedgemma.engine.engine",
+    "GenerationConfig": "openmedgemma.engine.sampling",
+    "generate_ids": "openmedgemma.engine.generate",
+    "TokenStream": "openmedgemma.engine.generate",
+    "plan_chunks": "openmedgemma.engine.generate",
+    "KVCache": "openmedgemma.engine.cache",
+    "FastDecoder": "openmedgemma.engine.fast",
+    "Int8Linear": "openmedgemma.engine.quant",
+    "quantize": "openmedgemma.engine.quant",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'openmedgemma.engine' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,22 +1,17 @@
 """Loading a model for evaluation from a path given on the command line.
 
-These are the two seams where the real engine plugs in: replace `load_chat_model` with one that
-returns an adapter implementing `protocols.ChatModel` around the MedGemma engine, and
-`load_embedder` with one implementing `protocols.Embedder` around MedSigLIP. The CLI looks them
-up at call time, so replacing the functions here is enough.
+`load_chat_model` wraps the MedGemma engine as a `protocols.ChatModel`, `load_embedder` wraps
+MedSigLIP as a `protocols.Embedder`. The CLI looks them up at call time (tests swap in scripted models).
 """
 
 from __future__ import annotations
 
-from openmedgemma.errors import OpenMedGemmaError
-
 
 def load_chat_model(path: str):
-    raise OpenMedGemmaError(
-        f"cannot load {path}: the MedGemma generation engine is not available in this build yet, "
-        "so `openmedgemma eval` has no chat model to run (the harness itself works with any "
-        "object implementing openmedgemma.eval.protocols.ChatModel)"
-    )
+    """A MedGemma checkpoint folder (config.json, safetensors, tokenizer.json) as a ChatModel."""
+    from openmedgemma.eval.chat_model import MedGemmaChatModel
+
+    return MedGemmaChatModel.from_pretrained(path)
 
 
 def load_embedder(path: str):

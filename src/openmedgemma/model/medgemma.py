@@ -104,17 +104,17 @@ class MedGemma(PretrainedMixin, nn.Module):
         """Tied head: hidden @ embed_tokens.T."""
         return nn.functional.linear(hidden, self.language_model.embed_tokens.weight)
 
-    def forward(
+    def hidden_states(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-        logits_to_keep: int | None = None,
     ) -> torch.Tensor:
-        """Full-sequence forward (no cache). attention_mask [B, T] (1 = token, 0 = padding) is optional.
+        """Final-norm hidden states [B, T, hidden] of a full sequence (no cache); `forward` minus the head.
 
-        Positions count real tokens only, so a left-padded row gets the same positions as unpadded.
+        attention_mask [B, T] (1 = token, 0 = padding) is optional. Positions count real tokens only,
+        so a left-padded row gets the same positions as unpadded.
         """
         if pixel_values is not None:
             if image_features is not None:
@@ -133,7 +133,18 @@ class MedGemma(PretrainedMixin, nn.Module):
         if valid is not None:  # a padding query sees nothing; let it see itself so SDPA stays finite
             eye = torch.eye(t, dtype=torch.bool, device=input_ids.device)
             masks = {k: m | (eye & ~valid[:, None, :, None]) for k, m in masks.items()}
-        hidden = self.language_model(x, positions, masks)
+        return self.language_model(x, positions, masks)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        logits_to_keep: int | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or the last `logits_to_keep` positions); arguments as `hidden_states`."""
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, image_features)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.logits(hidden)
@@ -165,3 +176,17 @@ class MedGemma(PretrainedMixin, nn.Module):
             return rename_rules([("language_model.", "language_model.model.")])
         return rename_rules([("language_model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
                              ("multi_modal_projector.", "model.multi_modal_projector.")])  # fmt: skip
+
+    # --- generation (delegates to openmedgemma.engine) ------------------------------------------
+    def chat(self, messages, **gen_kwargs):
+        """The answer to `messages` (chat messages, or one question as a string); keyword arguments are
+        `GenerationConfig` fields, plus `return_result=True` for the full `GenerationResult`."""
+        from openmedgemma.engine.engine import engine_for
+
+        return engine_for(self).chat(messages, **gen_kwargs)
+
+    def stream(self, messages, **gen_kwargs):
+        """Text deltas of the answer to `messages` as they are generated (see `Engine.stream`)."""
+        from openmedgemma.engine.engine import engine_for
+
+        return engine_for(self).stream(messages, **gen_kwargs)

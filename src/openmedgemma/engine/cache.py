@@ -1,0 +1,149 @@
+"""A preallocated KV cache for a batch of sequences sharing one time axis (left padded).
+
+Global layers keep every time step: slot t holds time step t, `capacity` slots in all.
+Sliding layers keep a ring of `ring = min(sliding_window, capacity)` slots: time step t lives in
+slot t % ring, so their memory never grows with the context.
+
+A chunk of T > 1 new tokens on a sliding layer attends over [ring contents, the T new keys] (a
+copy), and only then are the newest min(T, ring) keys written into the ring: the chunk's early
+queries still see keys the chunk overwrites. A single decode token writes first and attends over
+the ring itself (no copy): the slot it overwrites held time step t - ring, already out of its window.
+
+Each step, `begin(...)` decides the key layout and returns the boolean masks (True = attend,
+[B, 1, T, keys]) that describe it; the decoder then calls `update(layer_idx, k, v)` per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from openmedgemma.config import FULL, SLIDING, GemmaTextConfig
+from openmedgemma.model.masks import decoder_masks
+
+
+class KVCache:
+    def __init__(self, config: GemmaTextConfig, batch: int, capacity: int, dtype: torch.dtype, device):
+        self.window = config.sliding_window
+        self.capacity = capacity
+        self.ring = min(self.window, capacity)
+        self.layer_types = config.layer_types
+        n_kv, head_dim = config.num_key_value_heads, config.head_dim
+        self.keys, self.values = [], []
+        for kind in self.layer_types:
+            slots = capacity if kind == FULL else self.ring
+            self.keys.append(torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device))
+            self.values.append(torch.zeros(batch, n_kv, slots, head_dim, dtype=dtype, device=device))
+        # what each slot holds: absolute position and whether it is a real (non-padding) token
+        self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.ring_pos = torch.full((batch, self.ring), -1, dtype=torch.long, device=device)
+        self.ring_valid = torch.zeros(batch, self.ring, dtype=torch.bool, device=device)
+        self.length = 0  # time steps written
+        self.padded = False  # some slot holds a padding token: decode steps need masks
+        self._t0 = self._n = 0
+        self._slots: torch.Tensor | None = None  # ring slots a chunk writes after attending; None: decode
+        self._decoding = False
+
+    @staticmethod
+    def nbytes_for(config: GemmaTextConfig, batch: int, capacity: int, dtype: torch.dtype) -> int:
+        """Bytes of keys + values this cache allocates (without allocating it)."""
+        ring = min(config.sliding_window, capacity)
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        per_slot = 2 * batch * config.num_key_value_heads * config.head_dim * itemsize
+        return sum(per_slot * (capacity if kind == FULL else ring) for kind in config.layer_types)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    # ------------------------------------------------------------------ steps
+
+    def begin(self, q_pos: torch.Tensor, q_valid: torch.Tensor | None = None, q_block: torch.Tensor | None = None,
+              padded: bool = False) -> dict[str, torch.Tensor | None]:
+        """Start a step of T new time steps; return the masks per layer type for its key layout.
+
+        q_pos [B, T]: positions; q_valid [B, T]: False at left padding (`padded` must then be True);
+        q_block [B, T]: image block ids of the chunk (-1 for text). Image blocks must lie whole in one step.
+        """
+        b, t = q_pos.shape
+        t0 = self.length
+        if t0 + t > self.capacity:
+            raise ValueError(f"KV cache full: {t0} + {t} time steps > capacity {self.capacity}")
+        self._t0, self._n = t0, t
+        self.length = t0 + t
+        if t == 1 and q_block is None and not padded:
+            self._decoding = True
+            return self._decode_masks(t0)
+        if self._decoding:
+            raise ValueError("a multi-token step after decode steps is not supported; start a new cache")
+        if q_valid is None:
+            q_valid = torch.ones_like(q_pos, dtype=torch.bool)
+        if q_block is None:
+            q_block = torch.full_like(q_pos, -1)
+        self.padded = self.padded or padded
+
+        # global layers: keys are slots [0, t0 + t)
+        self.pos[:, t0 : t0 + t] = q_pos
+        self.valid[:, t0 : t0 + t] = q_valid
+        old_block = torch.full((b, t0), -1, dtype=q_block.dtype, device=q_block.device)
+        full = decoder_masks(q_pos, self.pos[:, : t0 + t], self.window, q_block, torch.cat([old_block, q_block], 1),
+                             self.valid[:, : t0 + t])["full_attention"]  # fmt: skip
+        # sliding layers: keys are [the n filled ring slots, the t new keys]
+        n = min(t0, self.ring)
+        k_pos = torch.cat([self.ring_pos[:, :n], q_pos], 1)
+        k_valid = torch.cat([self.ring_valid[:, :n], q_valid], 1)
+        sliding = decoder_masks(q_pos, k_pos, self.window, q_block, torch.cat([old_block[:, :n], q_block], 1),
+                                k_valid)["sliding_attention"]  # fmt: skip
+        if padded:  # a padding query sees nothing; let it see itself so SDPA stays finite
+            pad_q = ~q_valid[:, None, :, None]
+            full = full | (_shifted_eye(t, t0 + t, t0, q_pos.device) & pad_q)
+            sliding = sliding | (_shifted_eye(t, n + t, n, q_pos.device) & pad_q)
+
+        m = min(t, self.ring)
+        self._slots = torch.arange(t0 + t - m, t0 + t, device=q_pos.device) % self.ring
+        self.ring_pos[:, self._slots] = q_pos[:, t - m :]
+        self.ring_valid[:, self._slots] = q_valid[:, t - m :]
+        return {FULL: full, SLIDING: sliding}
+
+    def _decode_masks(self, t0: int) -> dict[str, torch.Tensor | None]:
+        """One real token per row: it may see every filled slot but padding; no mask at all without padding."""
+        self._slots = None
+        slot = t0 % self.ring
+        if not self.padded:
+            return {FULL: None, SLIDING: None}
+        self.valid[:, t0] = True
+        self.ring_valid[:, slot] = True
+        return {
+            FULL: self.valid[:, None, None, : t0 + 1],
+            SLIDING: self.ring_valid[:, None, None, : min(t0 + 1, self.ring)],
+        }
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v ([B, n_kv, T, head_dim]) for the layer; return the keys/values to attend over."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        t0, t = self._t0, self._n
+        if self.layer_types[layer_idx] == FULL:
+            keys[:, :, t0 : t0 + t] = k
+            values[:, :, t0 : t0 + t] = v
+            return keys[:, :, : t0 + t], values[:, :, : t0 + t]
+        if self._slots is None:  # decode: write first, attend over the ring itself
+            slot = t0 % self.ring
+            keys[:, :, slot : slot + 1] = k
+            values[:, :, slot : slot + 1] = v
+            n = min(t0 + 1, self.ring)
+            return keys[:, :, :n], values[:, :, :n]
+        n = min(t0, self.ring)
+        out_k = torch.cat([keys[:, :, :n], k], 2) if n else k
+        out_v = torch.cat([values[:, :, :n], v], 2) if n else v
+        m = self._slots.numel()
+        keys.index_copy_(2, self._slots, k[:, :, t - m :])
+        values.index_copy_(2, self._slots, v[:, :, t - m :])
+        return out_k, out_v
+
+
+def _shifted_eye(rows: int, cols: int, offset: int, device) -> torch.Tensor:
+    """[rows, cols] boolean with True at (i, offset + i)."""
+    eye = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    i = torch.arange(rows, device=device)
+    eye[i, offset + i] = True
+    return eye

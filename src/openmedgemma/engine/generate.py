@@ -1,0 +1,206 @@
+"""The generation loop: chunked prefill into a preallocated KV cache, then one token per step.
+
+Prompts of different lengths run together left-padded on one time axis: a row's positions count its
+real tokens only and padding keys are masked, so each row gets the tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from openmedgemma.engine.cache import KVCache
+from openmedgemma.engine.fast import FastDecoder
+from openmedgemma.engine.sampling import GenerationConfig, next_tokens
+from openmedgemma.errors import OpenMedGemmaError
+from openmedgemma.model.masks import image_block_ids
+
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+def plan_chunks(is_image: torch.Tensor, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) time ranges of at most `chunk` steps that never split a run of image soft tokens.
+
+    is_image [B, L]: a boundary between two image tokens of any row is forbidden (that run is one image
+    whose tokens attend to each other both ways); a chunk then ends before the run, or, when the run
+    starts the chunk, after it (so a chunk can exceed `chunk` by less than one image).
+    """
+    if chunk < 1:
+        raise OpenMedGemmaError(f"prefill_chunk must be >= 1, got {chunk}")
+    length = is_image.shape[1]
+    inside = (is_image[:, 1:] & is_image[:, :-1]).any(0)  # inside[b - 1]: boundary b splits an image
+    allowed = [b for b in (~inside).nonzero().flatten().add(1).tolist()] + [length]
+    chunks, start = [], 0
+    while start < length:
+        end = min(start + chunk, length)
+        i = bisect.bisect_right(allowed, end) - 1  # the last allowed boundary <= end
+        if i < 0 or allowed[i] <= start:
+            end = allowed[bisect.bisect_right(allowed, start)]  # the first allowed boundary after start
+        else:
+            end = allowed[i]
+        chunks.append((start, end))
+        start = end
+    return chunks
+
+
+class TokenStream:
+    """Iterate to run generation: each step yields the list of B new token ids.
+
+    Set `done[i] = True` to stop computing for row i (the loop ends when every row is done or after
+    `config.max_new_tokens` steps). Rows that are done still ride along in the batch (static shapes).
+    features: per prompt, the image features [n_images, tokens_per_image, hidden] or None.
+    head: hidden [B, H] -> logits [B, V]; the model's tied head by default.
+    fast: run the decoder through `FastDecoder` (same function, fewer ops; pass one to reuse it), or
+    False for the model's own modules.
+    """
+
+    def __init__(
+        self,
+        model,
+        prompts: Sequence[Sequence[int]],
+        features: Sequence[torch.Tensor | None],
+        config: GenerationConfig,
+        *,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        pad_id: int = 0,
+        fast: bool | FastDecoder = True,
+    ):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise OpenMedGemmaError("generation needs at least one prompt, and no prompt may be empty")
+        if len(features) != len(prompts):
+            raise OpenMedGemmaError(f"{len(prompts)} prompts but {len(features)} image entries")
+        self.model, self.config, self.prefill_chunk = model, config, prefill_chunk
+        self.head = head or model.logits
+        lm = model.language_model
+        self.decoder = fast if isinstance(fast, FastDecoder) else FastDecoder(lm) if fast else None
+        self.done = [False] * len(prompts)
+        self.prompt_lengths = [len(p) for p in prompts]
+        device = model.device
+        length = max(self.prompt_lengths)
+        ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+        valid = torch.zeros(len(prompts), length, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            ids[row, length - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            valid[row, length - len(prompt) :] = True
+        self.ids, self.valid = ids.to(device), valid.to(device)
+        self.positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)
+        self.max_padding = length - min(self.prompt_lengths)
+        self.features = list(features)
+        self._check_images()
+        self.cache: KVCache | None = None
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self.steps = 0
+
+    def _check_images(self) -> None:
+        cfg = self.model.config
+        per = cfg.mm_tokens_per_image
+        is_image = (self.ids == cfg.image_token_index) & self.valid
+        self.is_image = is_image
+        counts = is_image.sum(1).tolist()
+        for row, (n_tokens, feats) in enumerate(zip(counts, self.features)):
+            n_feats = 0 if feats is None else feats.shape[0] * feats.shape[1]
+            if n_tokens and not cfg.is_multimodal:
+                raise OpenMedGemmaError("this is a text-only checkpoint; its prompts cannot hold image soft tokens")
+            if n_tokens != n_feats:
+                raise OpenMedGemmaError(
+                    f"prompt {row} holds {n_tokens} image soft tokens ({n_tokens / per:g} images of {per}) "
+                    f"but {n_feats // per} image(s) were given"
+                )
+        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+        # images started before time step t, per row: [B, L + 1]
+        self.images_before = torch.nn.functional.pad(starts.long().cumsum(1), (1, 0)).cpu()
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[list[int]]:
+        model, config = self.model, self.config
+        lm = model.language_model
+        decoder = self.decoder or lm
+        t_start = time.perf_counter()
+        batch, length = self.ids.shape
+        self.cache = cache = KVCache(lm.config, batch, length + config.max_new_tokens, model.dtype, model.device)
+        generator = None
+        if not config.greedy and config.seed is not None:
+            generator = torch.Generator(device=model.device).manual_seed(config.seed)
+
+        hidden = None
+        multimodal = model.config.is_multimodal
+        for start, end in plan_chunks(self.is_image, self.prefill_chunk):
+            ids = self.ids[:, start:end]
+            x = model.embed(ids, self._chunk_features(start, end))
+            blocks = image_block_ids(ids, model.config.image_token_index) if multimodal else None
+            positions = self.positions[:, start:end]
+            masks = cache.begin(positions, self.valid[:, start:end], blocks, padded=start < self.max_padding)
+            hidden = decoder(x, positions, masks, cache)
+        tokens = next_tokens(self.head(hidden[:, -1]), config, generator)
+        token_list = tokens.tolist()
+        self.prefill_seconds = time.perf_counter() - t_start
+        self.steps = 1
+        t_decode = time.perf_counter()
+        yield token_list
+
+        positions = self.positions[:, -1:]
+        if self.decoder is not None:
+            self.decoder.prepare(int(positions.max()) + config.max_new_tokens, model.dtype, model.device)
+        for _ in range(config.max_new_tokens - 1):
+            if all(self.done):
+                break
+            positions = positions + 1
+            masks = cache.begin(positions)
+            if self.decoder is not None:
+                hidden = self.decoder.decode(tokens, positions, masks, cache)
+            else:
+                hidden = lm(lm.embed(tokens[:, None]), positions, masks, cache)[:, -1]
+            tokens = next_tokens(self.head(hidden), config, generator)
+            token_list = tokens.tolist()
+            self.steps += 1
+            self.decode_seconds = time.perf_counter() - t_decode
+            yield token_list
+
+    def _chunk_features(self, start: int, end: int) -> torch.Tensor | None:
+        first, last = self.images_before[:, start].tolist(), self.images_before[:, end].tolist()
+        parts = [self.features[row][a:b] for row, (a, b) in enumerate(zip(first, last)) if b > a]
+        return torch.cat(parts) if parts else None
+
+
+@torch.inference_mode()
+def image_features(model, pixel_values: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """The vision tower + projector over [N, 3, H, W] in batches: [N, tokens_per_image, hidden]."""
+    pixel_values = pixel_values.to(model.device)
+    parts = [model.image_features(pixel_values[i : i + batch_size]) for i in range(0, len(pixel_values), batch_size)]
+    return torch.cat(parts)
+
+
+def generate_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    images: Sequence[torch.Tensor | None] | None = None,
+    config: GenerationConfig | None = None,
+    stop_ids: Sequence[int] = (),
+    *,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    fast: bool = True,
+) -> list[list[int]]:
+    """New token ids per prompt, generated together in one batch.
+
+    prompts: token ids (image soft tokens already expanded, as `Tokenizer.encode_chat` gives them);
+    images: per prompt, its pixel values [n, 3, H, W] in prompt order, or None. A row ends on a token
+    in `stop_ids` (kept as its last id) or after `config.max_new_tokens` ids. Stop strings need text:
+    use `Engine`.
+    """
+    config = config or GenerationConfig()
+    images = list(images) if images is not None else [None] * len(prompts)
+    features = [None if px is None or len(px) == 0 else image_features(model, px) for px in images]
+    stream = TokenStream(model, prompts, features, config, prefill_chunk=prefill_chunk, fast=fast)
+    stops = set(stop_ids)
+    out: list[list[int]] = [[] for _ in prompts]
+    for tokens in stream:
+        for row, token in enumerate(tokens):
+            if not stream.done[row]:
+                out[row].append(token)
+                if token in stops:
+                    stream.done[row] = True
+    return out

@@ -1,0 +1,108 @@
+"""Int8 weights for the decoder: symmetric, one scale per output channel, chosen at load.
+
+`quantize(model, "int8")` replaces every linear layer of the decoder (q, k, v, o, gate, up, down) by
+`Int8Linear` in place. Weight-only: activations stay in the model dtype, y = (x @ q.T) * scale.
+  - CPU, decode (a few rows): `torch.ops.aten._weight_int8pack_mm`, the fused kernel gpt-fast uses
+    (vectorised for AVX-512; a plainer loop on AVX2-only CPUs). Prefill (many rows): dequantize,
+    then one BLAS matmul.
+  - other devices: dequantize then matmul (`F.linear(x, q.to(x.dtype)) * scale`), which saves
+    memory but not time unless fused by torch.compile.
+`quantize(model, "int8-dynamic")` (CPU only) stores the same int8 weights but runs them with
+fbgemm's dynamic kernel: each call also quantizes the activations to int8 (per tensor, 7-bit on
+x86), which is fast on any x86 CPU and a little lossier than weight-only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openmedgemma.errors import OpenMedGemmaError
+
+MODES = ("int8", "int8-dynamic")
+# Above this many rows (prefill), dequantizing once and running one BLAS matmul beats the int8 kernel.
+FUSED_MAX_ROWS = 8
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [N, K] in -127..127, float32 scale [N]) with weight ~= q * scale[:, None]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer holding int8 weights [out, in] and per-output-channel scales."""
+
+    def __init__(self, weight: torch.Tensor, mode: str = "int8"):
+        super().__init__()
+        if mode not in MODES:
+            raise OpenMedGemmaError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+        q, scale = quantize_weight(weight)
+        self.mode = mode
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight_int8", q.to(weight.device))
+        self.register_buffer("scale", scale.to(device=weight.device, dtype=weight.dtype))
+        self._packed = _fbgemm_pack(q, scale, weight.device) if mode == "int8-dynamic" else None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self._packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._packed, True).to(x.dtype)
+        elif x.device.type == "cpu" and x2.shape[0] <= FUSED_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale.to(x.dtype))
+        else:
+            y = self.dequant_matmul(x2)
+        return y.reshape(*lead, self.out_features)
+
+    def dequant_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The portable path (any device): dequantize the weight, then an ordinary matmul."""
+        return F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, device: torch.device):
+    """fbgemm's prepacked int8 weight for `torch.ops.quantized.linear_dynamic` (x86 / ARM CPUs)."""
+    if device.type != "cpu":
+        raise OpenMedGemmaError("int8-dynamic quantization runs on CPU only; use int8 on GPU")
+    try:
+        with warnings.catch_warnings():  # quantized tensors are deprecated in torch (still there in 2.13)
+            warnings.simplefilter("ignore", UserWarning)
+            zero = torch.zeros_like(scale, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+            return torch.ops.quantized.linear_prepack(qw, None)
+    except (AttributeError, RuntimeError) as err:
+        raise OpenMedGemmaError(f"int8-dynamic needs torch's fbgemm quantized ops, which this torch lacks ({err}); "
+                                "use quantize='int8'") from None  # fmt: skip
+
+
+def quantize(model, mode: str = "int8") -> None:
+    """Replace the decoder's linear layers of a MedGemma by Int8Linear, in place (vision tower untouched)."""
+    if mode not in MODES:
+        raise OpenMedGemmaError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+    for layer in model.language_model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in LINEARS:
+                module = getattr(parent, name, None)
+                if isinstance(module, nn.Linear):
+                    setattr(parent, name, Int8Linear(module.weight, mode))
+
+
+def quantized_head(model, mode: str) -> Int8Linear | None:
+    """An int8 copy of the tied output head (the embedding table stays as it is for input lookups).
+
+    Only on CPU, where a fused kernel reads the int8 rows directly; elsewhere dequantizing the whole
+    vocabulary each step would cost more than it saves, so the model's own head is kept (None).
+    """
+    weight = model.language_model.embed_tokens.weight
+    if weight.device.type != "cpu":
+        return None
+    return Int8Linear(weight, mode)

@@ -1,0 +1,115 @@
+"""`openmedgemma train {siglip,pretrain,sft,distill,rl} --config FILE.toml [--resume DIR] [--data-dir DIR]`.
+
+Top-level imports stay light (no torch): the config is validated before anything heavy is imported.
+Multi-process: `torchrun --standalone --nproc_per_node N -m openmedgemma.train.cli train sft --config FILE.toml`
+(or `-m openmedgemma.cli train ...` once this module is in openmedgemma.cli.COMMAND_MODULES).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+STAGE_HELP = {
+    "siglip": "tune MedSigLIP on image-caption pairs (sigmoid loss)",
+    "pretrain": "continue pretraining MedGemma on captions and medical text",
+    "sft": "supervised fine-tuning on QA pairs (loss on the answer only; LoRA / QLoRA optional)",
+    "distill": "distil from stored sparse teacher logits",
+    "rl": "GRPO with verifiable rewards",
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train or fine-tune MedGemma / MedSigLIP",
+                                   description="Train one stage of the MedGemma recipe from a TOML config.")
+    stages = parser.add_subparsers(dest="stage", metavar="STAGE")
+    for name, text in STAGE_HELP.items():
+        p = stages.add_parser(name, help=text, description=text)
+        p.add_argument("--config", required=True, metavar="FILE.toml", help="the run's TOML config")
+        p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its newest checkpoint) or a checkpoint folder")
+        p.add_argument("--data-dir", metavar="DIR", help="root for relative data paths (overrides data.data_dir)")
+        p.add_argument("--check", action="store_true", help="validate the config and exit")
+        p.set_defaults(func=run)
+    p = stages.add_parser("teacher-store", help="write the sparse teacher logits the distill stage trains on",
+                          description="Run a teacher MedGemma over the (text) data sources of an sft config and store "
+                          "k teacher probabilities per answer token (the 1.5 report: 256, sampled by probability).")
+    p.add_argument("--teacher", required=True, metavar="DIR", help="teacher checkpoint folder (with its tokenizer.json)")
+    p.add_argument("--config", required=True, metavar="FILE.toml", help="an sft config: its data sources are the text")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the store")
+    p.add_argument("--k", type=int, default=256, help="teacher ids kept per token (default 256)")
+    p.add_argument("--selection", choices=["sample", "topk"], default="sample")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", metavar="DIR", help="root for relative data paths (overrides data.data_dir)")
+    p.set_defaults(func=teacher_store)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
+
+
+def run(args: argparse.Namespace) -> int:
+    from openmedgemma.train.config import load_config
+
+    overrides = {"data.data_dir": args.data_dir} if args.data_dir else None
+    cfg = load_config(args.config, args.stage, overrides)
+    if args.check:
+        print(f"{args.config}: valid {cfg.stage} config ({len(cfg.data.sources)} data source(s), {cfg.train.steps} steps)")
+        return 0
+    from openmedgemma.train.loop import Trainer
+
+    summary = Trainer(cfg, resume=args.resume).run()
+    for kind, path in summary["outputs"].items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def teacher_store(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from openmedgemma.errors import ConfigError
+    from openmedgemma.train.config import load_config
+
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {args.k}")
+    overrides = {"data.data_dir": args.data_dir} if args.data_dir else None
+    cfg = load_config(args.config, "sft", overrides)
+    import torch
+
+    from openmedgemma.model.medgemma import MedGemma
+    from openmedgemma.tokenizer import Tokenizer
+    from openmedgemma.train.collate import LMCollator
+    from openmedgemma.train.data import load_source
+    from openmedgemma.train.distill import write_teacher_store
+
+    tok = Tokenizer.from_pretrained(args.teacher)
+    teacher = MedGemma.from_pretrained(args.teacher, dtype=cfg.model.dtype, device=args.device)
+    root = Path(cfg.data.data_dir or ".")
+    examples = []
+    for s in cfg.data.sources:
+        path = Path(s.path) if Path(s.path).is_absolute() else root / s.path
+        examples += load_source(s.kind, path, s.split, s.format, s.split_scheme, s.limit)
+    collator = LMCollator(tok, mode="chat", max_length=cfg.data.max_length, multimodal=False)
+    with torch.inference_mode():
+        out = write_teacher_store(args.out, teacher, collator, examples, k=args.k, selection=args.selection,
+                                  batch_size=args.batch_size, seed=cfg.seed, device=args.device, progress=True)
+    print(f"teacher store: {out} ({len(examples)} sequences)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point used by the tests and by `python -m openmedgemma.train.cli` (same as `openmedgemma train`)."""
+    import sys
+
+    from openmedgemma.errors import OpenMedGemmaError
+
+    parser = argparse.ArgumentParser(prog="openmedgemma")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OpenMedGemmaError as err:
+        print(f"openmedgemma train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

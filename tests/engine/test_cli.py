@@ -1,0 +1,166 @@
+"""`openmedgemma ask` and `openmedgemma chat` end to end on a tiny checkpoint folder with a tokenizer.
+
+The commands are registered the way the top-level CLI registers them (its `main` prints user errors as
+one line with exit status 2); chat is driven through piped stdin and through a pseudo-terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from openmedgemma import cli
+from openmedgemma.engine import GenerationConfig
+
+MODULE = "openmedgemma.engine.cli"
+
+
+@pytest.fixture()
+def main(monkeypatch):
+    if MODULE not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, MODULE])
+    return cli.main
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "cxr.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from openmedgemma.engine import cli; import argparse; p = argparse.ArgumentParser(); "
+            "cli.register(p.add_subparsers()); assert 'torch' not in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ask_prints_the_answer(main, chat_dir, engine, png, capsys):
+    assert main(["ask", "--model", str(chat_dir), "--max-new-tokens", "12", "What is this?"]) == 0
+    out = capsys.readouterr().out
+    assert out == engine.chat("What is this?", max_new_tokens=12) + "\n"
+
+    messages = [_user("Findings?", png)]
+    expected = engine.generate([messages], GenerationConfig(max_new_tokens=12))[0].text
+    argv = ["ask", "--model", str(chat_dir), "--image", str(png), "--max-new-tokens", "12", "--stream", "Findings?"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_ask_json(main, chat_dir, png, capsys):
+    argv = ["ask", "--model", str(chat_dir), "--image", str(png), "--max-new-tokens", "7", "--json",
+            "--system", "Be brief.", "Q?"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) >= {"answer", "prompt_tokens", "new_tokens", "stop_reason", "timings"}
+    assert data["prompt_tokens"] > 16 and 1 <= data["new_tokens"] <= 7
+    assert data["timings"]["time_to_first_token_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--image", "nowhere/missing.png"], "nowhere/missing.png: file not found"),
+        (["--model", "no/such/folder"], "no/such/folder: no such file or folder"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(main, chat_dir, extra, message, capsys):
+    argv = ["ask", "--model", str(chat_dir), *extra, "Q?"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("openmedgemma ask: error:")
+
+
+def test_model_folder_without_config_or_unreadable(main, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["ask", "--model", str(tmp_path / "empty"), "Q?"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "config.json").write_text("{not json")
+    assert main(["chat", "--model", str(locked)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json" in err
+
+
+def test_chat_from_piped_stdin_keeps_history(main, chat_dir, engine, png, monkeypatch, capsys):
+    lines = [f"/image {png}", "What is this?", "And now?", "/image missing.png", "/reset", "Hello", "/quit",
+             "never read"]  # fmt: skip
+    monkeypatch.setattr(sys, "stdin", _Lines(lines))
+    assert main(["chat", "--model", str(chat_dir), "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    answers = captured.out.splitlines()
+    config = GenerationConfig(max_new_tokens=6)
+    first = [_user("What is this?", png)]
+    a1 = engine.generate([first], config)[0].text
+    second = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "And now?"}]
+    a2 = engine.generate([second], config)[0].text
+    a3 = engine.generate([[{"role": "user", "content": "Hello"}]], config)[0].text
+    assert answers == [a1, a2, a3]
+    assert "missing.png: file not found" in captured.err and "conversation reset" in captured.err
+
+
+def test_chat_in_a_terminal(chat_dir, tmp_path):
+    """An interactive session on a pseudo-terminal: prompt, answer, /quit."""
+    pty = pytest.importorskip("pty")
+    code = (f"import sys; from openmedgemma import cli; m = {MODULE!r}; "
+            "cli.COMMAND_MODULES += [m] if m not in cli.COMMAND_MODULES else []; sys.exit(cli.main(sys.argv[1:]))")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code, "chat", "--model", str(chat_dir), "--max-new-tokens", "4"],
+                            stdin=follower, stdout=follower, stderr=follower, close_fds=True)  # fmt: skip
+    os.close(follower)
+    try:
+        out = _read_until(leader, b">>> ", 120)
+        os.write(leader, b"Hello\n")
+        out += _read_until(leader, b">>> ", 120)
+        os.write(leader, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(leader)
+    assert out.count(b">>> ") == 2 and b"/reset" in out
+
+
+def _user(text, image):
+    return {"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": text}]}
+
+
+class _Lines:
+    def __init__(self, lines):
+        self.lines = [line + "\n" for line in lines]
+
+    def isatty(self):
+        return False
+
+    def readline(self):
+        return self.lines.pop(0) if self.lines else ""
+
+
+def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
+    data, deadline = b"", time.monotonic() + timeout
+    while marker not in data:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {marker!r} within {timeout}s; got {data[-300:]!r}")
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the other side closed
+            break
+        data += chunk
+    return data
+
+
+def test_ask_about_a_dicom_file(main, chat_dir, shared_data, capsys):
+    dicom = next((shared_data / "dicom").rglob("*.dcm"))
+    assert main(["ask", "--model", str(chat_dir), "--image", str(dicom), "--max-new-tokens", "4", "--json", "Q?"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] > 16  # the image's soft tokens are in the prompt

@@ -1,0 +1,73 @@
+"""Chat formatting and label masking on real examples: which positions carry a label."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from openmedgemma.train.collate import IGNORE, LMCollator
+from openmedgemma.train.data import Example, vqa_rad
+from tests import tiny
+
+
+def collator(tok, **kw):
+    kw = {"image_seq_length": tiny.TOKENS_PER_IMAGE, "image_size": tiny.IMAGE_SIZE, "max_length": 512, **kw}
+    return LMCollator(tok, **kw)
+
+
+def test_labels_cover_exactly_the_answer_and_end_of_turn_on_a_real_vqa_rad_example(tok, shared_data):
+    examples = vqa_rad(shared_data / "vqa_rad", "train", "balanced")
+    ex = next(e for e in examples if e.meta["answer_type"] == "OPEN" and len(e.answer.split()) > 1)
+    short = next(e for e in examples if len(e.answer.split()) == 1)
+    batch = collator(tok)([ex, short])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    n0 = int(mask[0].sum())
+    row_ids, row_labels = ids[0, :n0].tolist(), labels[0, :n0].tolist()
+
+    # the sequence is exactly the chat template of the conversation (user: image + prompt; model: answer)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.prompt}]},
+                    {"role": "assistant", "content": ex.answer}]  # fmt: skip
+    assert row_ids == tok.encode_chat(conversation, add_generation_prompt=False, image_seq_length=tiny.TOKENS_PER_IMAGE)
+
+    labelled = [i for i, y in enumerate(row_labels) if y != IGNORE]
+    prompt_len = len(tok.encode_chat(conversation[:1], add_generation_prompt=True, image_seq_length=tiny.TOKENS_PER_IMAGE))
+    assert labelled == list(range(prompt_len, len(row_ids) - 1))  # contiguous: the model turn, final "\n" excluded
+    assert [row_ids[i] for i in labelled] == row_labels[prompt_len : len(row_ids) - 1]
+    assert tok.decode([row_ids[i] for i in labelled], skip_special_tokens=False) == ex.answer + "<end_of_turn>"
+    for special in (tok.image_token_id, tok.boi_id, tok.eoi_id, tok.bos_id, tok.start_of_turn_id):
+        positions = [i for i, t in enumerate(row_ids) if t == special]
+        assert positions and all(row_labels[i] == IGNORE for i in positions)
+    assert row_ids.count(tok.image_token_id) == tiny.TOKENS_PER_IMAGE
+    assert row_labels[len(row_ids) - 1] == IGNORE and row_ids[-1] == tok.encode("\n")[0]
+
+    # right padding of the shorter row: pad ids, mask 0, no labels
+    shorter = int(mask.sum(1).argmin())
+    n = int(mask[shorter].sum())
+    assert n < ids.shape[1] and mask[shorter, :n].all() and not mask[shorter, n:].any()
+    assert (ids[shorter, n:] == tok.pad_id).all() and (labels[shorter, n:] == IGNORE).all()
+    assert tok.decode([t for t, y in zip(ids[1].tolist(), labels[1].tolist()) if y != IGNORE],
+                      skip_special_tokens=False) == short.answer + "<end_of_turn>"  # fmt: skip
+    assert batch["pixel_values"].shape == (2, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE)
+    assert batch["n_tokens"] == int(mask.sum())
+
+
+def test_plain_mode_labels_the_text_and_eos(tok):
+    image = np.zeros((8, 8), np.uint8)
+    batch = collator(tok, mode="plain")([Example(answer="Chest image. Is there effusion? yes.", images=(image,))])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert ids[0] == tok.bos_id and ids.count(tok.image_token_id) == tiny.TOKENS_PER_IMAGE
+    text = [t for t, y in zip(ids, labels) if y != IGNORE]
+    assert text == tok.encode("Chest image. Is there effusion? yes.") + [tok.eos_id]
+    assert labels[: ids.index(tok.eoi_id) + 1] == [IGNORE] * (ids.index(tok.eoi_id) + 1)
+
+
+def test_truncation_never_splits_an_image(tok):
+    image = np.zeros((8, 8), np.uint8)
+    ex = Example(prompt="Compare the two images.", answer="They differ.", images=(image, image))
+    full = collator(tok).encode(ex)
+    second_boi = [i for i, t in enumerate(full.input_ids) if t == tok.boi_id][1]
+    cut = collator(tok, max_length=second_boi + 5)([ex])  # the cut falls inside the second image
+    ids = cut["input_ids"][0].tolist()
+    assert len(ids) <= second_boi and ids.count(tok.image_token_id) == tiny.TOKENS_PER_IMAGE
+    assert cut["pixel_values"].shape[0] == 1  # one image kept, one dropped
+    assert torch.equal(cut["labels"][0], torch.full((len(ids),), IGNORE))  # the answer was cut away
