@@ -13,15 +13,12 @@ from __future__ import annotations
 import importlib
 import re
 import string
-from collections import Counter
 from collections.abc import Callable
 
 from openmedgemma.errors import ConfigError
 
 Reward = Callable[[str, object], float]
 _REWARDS: dict[str, Reward] = {}
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 # "Final Answer: (B)", "Final Answer: B", "(B)", "B." / "B)" at the start.
 _FINAL = re.compile(r"final answer\s*[:\-]?\s*\(?\s*([A-Z])\s*\)?", re.IGNORECASE)
 _PAREN = re.compile(r"\(([A-Z])\)")
@@ -29,8 +26,10 @@ _LEADING = re.compile(r"^\s*([A-Z])(?:[.):\s]|$)")
 
 
 def normalize(text: str) -> str:
-    text = _PUNCT.sub(" ", text.lower())
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    """The evaluation's SQuAD normalization, so that RL optimizes the metric the report is scored on."""
+    from openmedgemma.eval.metrics import normalize_answer
+
+    return normalize_answer(text)
 
 
 def tokens(text: str) -> list[str]:
@@ -58,14 +57,9 @@ def exact_match(completion: str, example) -> float:
 
 @reward("token_f1")
 def token_f1(completion: str, example) -> float:
-    pred, ref = tokens(completion), tokens(reference(example))
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    from openmedgemma.eval.metrics import token_f1 as squad_token_f1
+
+    return squad_token_f1(completion, reference(example))
 
 
 def parse_letter(completion: str, letters: str = string.ascii_uppercase) -> str | None:
