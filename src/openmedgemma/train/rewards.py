@@ -32,10 +32,6 @@ def normalize(text: str) -> str:
     return normalize_answer(text)
 
 
-def tokens(text: str) -> list[str]:
-    return normalize(text).split()
-
-
 def reference(example) -> str:
     return str(getattr(example, "answer", example))
 
@@ -84,26 +80,16 @@ def mcq_letter(completion: str, example) -> float:
     return float(parse_letter(completion, options) == truth)
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
 @reward("rouge_l")
 def rouge_l(completion: str, example) -> float:
-    pred, ref = tokens(completion), tokens(reference(example))
-    if not pred or not ref:
-        return float(pred == ref)
-    lcs = _lcs(pred, ref)
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(pred), lcs / len(ref)
-    return 2 * p * r / (p + r)
+    """The evaluation's report-generation ROUGE-L (both empty counts as a match)."""
+    from openmedgemma.eval.report_metrics import rouge_l as report_rouge_l
+    from openmedgemma.eval.report_metrics import tokens as report_tokens
+
+    ref = reference(example)
+    if not report_tokens(completion) or not report_tokens(ref):
+        return float(report_tokens(completion) == report_tokens(ref))
+    return report_rouge_l(completion, ref)
 
 
 def get_reward(name: str) -> Reward:
