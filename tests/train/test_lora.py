@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import peft  # noqa: F401  a dev dependency: if it is missing this must fail, not skip
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,7 +15,6 @@ from openmedgemma.train.data import vqa_rad
 from tests import tiny
 from tests.train.helpers import losses, run_config, train
 
-peft = pytest.importorskip("peft", reason="LoRA needs peft (pip install 'openmedgemma[train]')")
 VQA = [{"kind": "vqa_rad", "path": "vqa_rad", "split": "train"}]
 
 
@@ -64,8 +64,7 @@ def test_lora_train_save_load_merge_round_trip(tmp_path, mm_dir, tok, shared_dat
 
 
 def test_qlora_nf4_trains_adapters_over_a_4bit_base_and_merges_into_full_precision(tmp_path, mm_dir, tok, shared_data):
-    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'openmedgemma[qlora]')")
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # a dev dependency: its absence must fail, not skip
 
     from openmedgemma.train.config import config_from_dict
     from openmedgemma.train.loop import Trainer
