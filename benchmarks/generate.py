@@ -160,7 +160,7 @@ def _peak_child(impl: str, folder: str, args) -> None:
     else:
         model = MedGemma.from_pretrained(folder, dtype=dtype)
         head = None
-        if impl != "ours":
+        if impl not in ("ours", "ours-compiled"):
             from openmedgemma.engine.quant import quantized_head
 
             quantize(model, impl.removeprefix("ours-"))
@@ -170,6 +170,11 @@ def _peak_child(impl: str, folder: str, args) -> None:
         for t in [*model.parameters(), *model.buffers()]:
             t.float().sum()  # read every weight, so that it is resident before the baseline
     prompts = torch.randint(3, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    decoder = None
+    if impl == "ours-compiled":  # one compiled decoder for both calls; compiling is not the generation's memory
+        from openmedgemma.engine.fast import FastDecoder
+
+        decoder = FastDecoder(model.language_model, compile=True)
 
     def generate(ids, n):
         if impl == "transformers":
@@ -177,8 +182,14 @@ def _peak_child(impl: str, folder: str, args) -> None:
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                                pad_token_id=0)  # fmt: skip
         else:
-            _ours_runner(model, ids.tolist(), head)(n)
+            from openmedgemma.engine.generate import TokenStream
 
+            for _ in TokenStream(model, ids.tolist(), [None] * len(ids), GenerationConfig(max_new_tokens=n), head=head,
+                                 fast=decoder or True):  # fmt: skip
+                pass
+
+    if decoder is not None:
+        generate(prompts, 3)  # the full-size shapes, so the measured run does not recompile
     generate(prompts[:, :8], 2)  # one-time initialisation (kernels, lazy imports) is not the generation's memory
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -228,6 +239,17 @@ def bench_config(name: str, args, folder: Path) -> dict:
 
                 head = quantized_head(model, label.removeprefix("ours-"))
             runners[label] = _ours_runner(model, prompt_lists, head)
+        if args.compile:
+            # compiled outside the timing (the first decode step builds the graph; the next capacities reuse
+            # it with dynamic shapes): compile seconds reported apart
+            runners["ours-compiled"] = _ours_runner(ours, prompt_lists, None, compile=True)
+            decoder = runners["ours-compiled"].decoder
+            t = time.perf_counter()
+            for n in (2, 3, args.new):
+                runners["ours-compiled"](n)
+            print(f"ours-compiled: first decode step compiled in {decoder.compile_seconds:.1f} s; warm-up "
+                  f"(3 generations, recompiles included) {time.perf_counter() - t:.1f} s", flush=True)
+            report.setdefault("compile_seconds", {})[f"batch{batch}"] = decoder.compile_seconds
         runners["transformers"] = hf_run
         results = measure(runners, args.prompt, args.new, batch, args.repeats, device)
 
@@ -258,14 +280,19 @@ def bench_config(name: str, args, folder: Path) -> dict:
     return report
 
 
-def _ours_runner(model, prompts, head):
+def _ours_runner(model, prompts, head, compile: bool = False):
+    from openmedgemma.engine.fast import FastDecoder
     from openmedgemma.engine.generate import TokenStream
 
+    decoder = FastDecoder(model.language_model, compile=True) if compile else True
+
     def run(n):
-        stream = TokenStream(model, prompts, [None] * len(prompts), GenerationConfig(max_new_tokens=n), head=head)
+        stream = TokenStream(model, prompts, [None] * len(prompts), GenerationConfig(max_new_tokens=n), head=head,
+                             fast=decoder)  # fmt: skip
         for _ in stream:
             pass
 
+    run.decoder = decoder
     return run
 
 
@@ -322,6 +349,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 variants")
+    parser.add_argument("--compile", action="store_true", help="also time ours with Engine(compile=True)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--peak-child", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()

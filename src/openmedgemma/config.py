@@ -191,7 +191,41 @@ def _medsiglip_448() -> MedSigLIPConfig:
     )  # fmt: skip
 
 
+# The nano reference models (`openmedgemma train nano`; models/medgemma-nano and models/medsiglip-nano hold
+# the trained checkpoints, whose config.json these mirror). Same families as the real ones: a Gemma 3 decoder
+# with the 5:1 sliding/global pattern (window 64, so prompts of ~100 tokens wrap the ring buffer) and a SigLIP
+# tower shared by both models. Ids 7/8/9 are <start_of_image>/<end_of_image>/<image_soft_token> in the compact
+# tokenizer (openmedgemma.tokenizer.build_tokenizer(layout="compact")).
+_NANO_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2, image_size=64, patch_size=8)
+
+
+def _medgemma_nano() -> MedGemmaConfig:
+    # models/medgemma-nano/config.json (Gemma3ForConditionalGeneration, 6.4M parameters)
+    return MedGemmaConfig(
+        text=GemmaTextConfig(
+            vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+            max_position_embeddings=2048,
+        ),
+        vision=VisionConfig(use_head=False, **_NANO_VISION),
+        mm_tokens_per_image=16, boi_token_index=7, eoi_token_index=8, image_token_index=9,
+    )  # fmt: skip
+
+
+def _medsiglip_nano() -> MedSigLIPConfig:
+    # models/medsiglip-nano/config.json (SiglipModel, 2.0M parameters; spiece.model of 1024 pieces, 32 text tokens)
+    return MedSigLIPConfig(
+        text=SiglipTextConfig(
+            vocab_size=1024, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2,
+            max_position_embeddings=32, projection_size=128,
+        ),
+        vision=VisionConfig(use_head=True, **_NANO_VISION),
+    )  # fmt: skip
+
+
 REGISTRY: dict[str, Any] = {
+    "nano": _medgemma_nano,
+    "medsiglip-nano": _medsiglip_nano,
     "4b": _medgemma_4b,
     "27b-text": _medgemma_27b_text,
     "27b": _medgemma_27b,
@@ -200,7 +234,7 @@ REGISTRY: dict[str, Any] = {
 
 
 def get_config(name: str) -> MedGemmaConfig | MedSigLIPConfig:
-    """A fresh config from the registry (`nano`, `4b`, `27b-text`, `27b`, `medsiglip-448`)."""
+    """A fresh config from the registry (`nano`, `medsiglip-nano`, `4b`, `27b-text`, `27b`, `medsiglip-448`)."""
     try:
         return REGISTRY[name]()
     except KeyError:
@@ -208,7 +242,7 @@ def get_config(name: str) -> MedGemmaConfig | MedSigLIPConfig:
 
 
 def register_config(name: str, factory) -> None:
-    """Add a named config (the nano model registers itself here)."""
+    """Add a named config (e.g. a fine-tuned variant's shapes)."""
     REGISTRY[name] = factory
 
 

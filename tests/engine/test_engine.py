@@ -112,6 +112,19 @@ def test_image_features_are_computed_once_per_distinct_image(chat_dir, monkeypat
     assert uncached.generate([ask("What is this?", image(0))], config)[0].token_ids == first.token_ids
 
 
+def test_a_batch_with_more_distinct_images_than_the_cache_holds(chat_dir):
+    """Storing a batch's new features evicts old ones; the batch must still get every image's features."""
+    model, tok = MedGemma.from_pretrained(chat_dir), Tokenizer.from_pretrained(chat_dir)
+    config = GenerationConfig(max_new_tokens=4)
+    convs = [ask("What is this?", image(i)) for i in (8, 9, 10, 7)]
+    small = Engine(model, tok, image_cache_size=2)
+    small.generate([convs[3]], config)  # image 7 cached, then evicted while 8, 9, 10 are stored
+    results = small.generate(convs, config)
+    reference = Engine(model, tok, image_cache_size=64).generate(convs, config)
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+    assert len(small._features) == 2
+
+
 def test_engine_batches_equal_single_conversations(engine):
     convs = [ask("What is this?", image(3)), [{"role": "user", "content": "Hello there"}],
              [{"role": "system", "content": "Be brief."}, *ask("Compare.", image(4), image(5))]]  # fmt: skip

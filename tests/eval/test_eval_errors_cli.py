@@ -145,13 +145,17 @@ def test_cli_list(capsys):
     assert len(list_tasks()) == 20
 
 
-def test_cli_errors(shared_data, tmp_path):
+def test_cli_errors(shared_data, tmp_path, monkeypatch):
     parser = _parser()
     args = parser.parse_args(["eval", "nonsense-task", "--model", "m", "--data-dir", str(shared_data)])
     with pytest.raises(ConfigError, match="unknown task 'nonsense-task'"):
         args.func(args)
+    args = parser.parse_args(["eval", "medqa", "--model", "m"])
+    with pytest.raises(ConfigError, match="--data-dir is required"):
+        args.func(args)
+    monkeypatch.setenv("OPENMEDGEMMA_MODELS", str(tmp_path / "no-models"))  # no --model: the nano model, missing here
     args = parser.parse_args(["eval", "medqa", "--data-dir", str(shared_data)])
-    with pytest.raises(ConfigError, match="--model and --data-dir are required"):
+    with pytest.raises(ConfigError, match="no --model given and the bundled nano model is not at .*no-models"):
         args.func(args)
     args = parser.parse_args(["eval", "medqa", "--model", "m", "--data-dir", str(tmp_path / "none")])
     with pytest.raises(DataError, match="medqa: data folder .* does not exist"):

@@ -26,8 +26,8 @@ def mm_dir(tok_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def siglip_dir(tok_dir, tmp_path_factory):
-    return helpers.write_medsiglip(tmp_path_factory.mktemp("siglip"), tok_dir)
+def siglip_dir(shared_data, tmp_path_factory):
+    return helpers.write_medsiglip(tmp_path_factory.mktemp("siglip"), shared_data)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,7 +19,7 @@ def corpus(data: Path) -> list[str]:
     """Text the tiny tokenizer is trained on: VQA-RAD questions and answers, prompts, MCQ and PubMedQA text."""
     from openmedgemma.train import data as D
 
-    texts = [D.VQA_PROMPT.format(question=""), D.MCQ_PROMPT, D.PUBMEDQA_CONTEXT, D.PNEUMONIA_PROMPT, *D.PNEUMONIA_CAPTIONS,
+    texts = [D.VQA_PROMPT.format(question=""), D.MCQ_PROMPT, D.PUBMEDQA_CONTEXT, D.PNEUMONIA_PROMPT, *D.PNEUMONIA_CAPTIONS[0], *D.PNEUMONIA_CAPTIONS[1],
              "Final Answer: (A) (B) (C) (D) yes no maybe"]  # fmt: skip
     records = json.loads((data / "vqa_rad" / D.VQA_RAD_JSON).read_text())
     texts += [f"{r['question']} {r['answer']}" for r in records]
@@ -60,18 +60,22 @@ def write_medgemma(folder: Path, tok_dir: Path, layers: int = 2, multimodal: boo
     return folder
 
 
-def write_medsiglip(folder: Path, tok_dir: Path, seed: int = 0) -> Path:
+SIGLIP_VOCAB = 400
+
+
+def write_medsiglip(folder: Path, data: Path, seed: int = 0) -> Path:
+    """A tiny random MedSigLIP (32 text positions) with a spiece.model trained on the corpus."""
     from openmedgemma import MedSigLIP
+    from openmedgemma.tokenizer import build_siglip_tokenizer
     from openmedgemma.train.modeling import init_weights
 
-    tok = Tokenizer.from_pretrained(tok_dir)
+    build_siglip_tokenizer(folder, corpus(data), SIGLIP_VOCAB, max_length=32)
     cfg = tiny.siglip_hf_config()
-    cfg["text_config"].update(vocab_size=tok.vocab_size, max_position_embeddings=32, pad_token_id=tok.pad_id)
+    cfg["text_config"].update(vocab_size=SIGLIP_VOCAB, max_position_embeddings=32, pad_token_id=1)
     torch.manual_seed(seed)
     model = MedSigLIP(from_hf_config(cfg))
     init_weights(model, 0.02)
     model.save_pretrained(folder)
-    (folder / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
     return folder
 
 

@@ -71,3 +71,30 @@ def test_truncation_never_splits_an_image(tok):
     assert len(ids) <= second_boi and ids.count(tok.image_token_id) == tiny.TOKENS_PER_IMAGE
     assert cut["pixel_values"].shape[0] == 1  # one image kept, one dropped
     assert torch.equal(cut["labels"][0], torch.full((len(ids),), IGNORE))  # the answer was cut away
+
+
+def test_siglip_pairs_are_tokenized_as_at_inference_and_grouped_by_class(siglip_dir, shared_data):
+    from openmedgemma.tokenizer import SiglipTextTokenizer
+    from openmedgemma.train import data as D
+    from openmedgemma.train.collate import SiglipCollator
+    from openmedgemma.train.modeling import SiglipModule
+
+    tok = SiglipTextTokenizer.from_pretrained(siglip_dir, max_length=32)
+    pneumonia = D.pneumonia_mnist(shared_data / "medmnist", "test", "caption")[:12]
+    vqa = D.captions_from_qa(D.vqa_rad(shared_data / "vqa_rad", "train"))[:2]
+    examples = pneumonia + vqa + vqa[:1]
+    batch = SiglipCollator(tok, image_size=28)(examples)
+    assert torch.equal(batch["input_ids"], tok([ex.answer for ex in examples]))  # canonicalised, </s>, padded
+    labels = [ex.meta["label"] for ex in pneumonia]
+    g = batch["groups"].tolist()
+    for i in range(12):
+        for j in range(12):
+            assert (g[i] == g[j]) == (labels[i] == labels[j])  # one class's different captions share a group
+    assert g[12] != g[13] and g[14] == g[12] and g[12] not in g[:12]  # VQA-RAD: one group per caption
+
+    from openmedgemma import MedSigLIP
+
+    module = SiglipModule(MedSigLIP.from_pretrained(siglip_dir))
+    with_groups = module(batch["input_ids"], batch["pixel_values"], groups=batch["groups"])[0]
+    by_text = module(batch["input_ids"], batch["pixel_values"])[0]
+    assert not torch.allclose(with_groups, by_text)  # class groups change the positives beyond identical captions

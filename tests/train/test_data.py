@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from openmedgemma.eval.prompts import cxr_prompt
 from openmedgemma.errors import DataError
 from openmedgemma.train import data as D
 
@@ -47,10 +48,13 @@ def test_pneumonia_mnist(shared_data):
     train = D.pneumonia_mnist(shared_data / "medmnist", "train")
     test = D.pneumonia_mnist(shared_data / "medmnist", "test")
     assert len(train) == 3882 and len(D.pneumonia_mnist(shared_data / "medmnist", "val")) == 524
-    assert Counter(ex.answer for ex in test) == {"no": 234, "yes": 390}
+    assert Counter(ex.answer for ex in test) == {"Final Answer: no": 234, "Final Answer: yes": 390}
+    assert test[0].prompt == cxr_prompt("pneumonia")  # the evaluation's question, verbatim
     assert train[0].images[0].shape == (28, 28) and train[0].images[0].dtype == np.uint8
     captions = D.pneumonia_mnist(shared_data / "medmnist", "test", "caption")
-    assert Counter(ex.answer for ex in captions)[D.PNEUMONIA_CAPTIONS[1]] == 390
+    assert sum(ex.answer in D.PNEUMONIA_CAPTIONS[1] for ex in captions) == 390
+    assert {ex.answer for ex in captions} == set(D.PNEUMONIA_CAPTIONS[0] + D.PNEUMONIA_CAPTIONS[1])
+    assert {ex.meta["caption_group"] for ex in captions} == {"pneumonia:0", "pneumonia:1"}
 
 
 def test_mcq_jsonl_csv_and_pubmedqa(shared_data):

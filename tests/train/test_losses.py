@@ -58,6 +58,28 @@ def test_sigmoid_loss_against_gathered_texts_sums_to_the_global_loss(chunk):
     torch.testing.assert_close(sum(parts), full, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_sigmoid_loss_counts_a_repeated_caption_as_positive_for_each_of_its_images(chunk):
+    """Images 0, 2 and 5 share one caption: every pair among them is positive, as the definition with the
+    label matrix 2 * same_caption - 1 says."""
+    img, txt = unit(6, 4), unit(6, 4)
+    txt[2] = txt[0]
+    txt[5] = txt[0]
+    caption = torch.tensor([0, 1, 0, 2, 3, 0])
+    same = caption[:, None] == caption[None, :]
+    scale, bias = torch.tensor([1.5], dtype=torch.float64), torch.tensor([-3.0], dtype=torch.float64)
+    ref_in, our_in = leaves(img, txt, scale, bias), leaves(img, txt, scale, bias)
+    ref = -F.logsigmoid((same.double() * 2 - 1) * (ref_in[0] @ ref_in[1].t() * ref_in[2].exp() + ref_in[3])).sum() / 6
+    ours = sigmoid_loss(*our_in, chunk_size=chunk, positives=same)
+    ref.backward()
+    ours.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(our_in, ref_in):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    plain = sigmoid_loss(img, txt, scale, bias)
+    assert not torch.allclose(plain, ours)  # without the mask, the shared caption would count as negatives
+
+
 def test_causal_lm_loss_projects_only_labelled_positions_and_matches_full_cross_entropy():
     hidden = torch.randn(3, 9, 16, generator=G, dtype=torch.float64)
     weight = torch.randn(50, 16, generator=G, dtype=torch.float64)

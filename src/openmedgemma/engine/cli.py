@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="PATH", help="checkpoint folder (config.json, "
-                        "safetensors, tokenizer.json)")  # fmt: skip
+    parser.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, "
+                        "tokenizer.json); default: the bundled nano model")  # fmt: skip
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
                         help="PNG, JPEG or DICOM image to include (repeatable)")  # fmt: skip
     parser.add_argument("--system", metavar="TEXT", help="system instruction")
@@ -146,8 +146,10 @@ def _check_images(paths: list[str]) -> None:
 def _load(args):
     import torch
 
+    from openmedgemma.bundled import model_or_nano
     from openmedgemma.engine.engine import Engine
 
+    args.model = model_or_nano(args.model, "medgemma", f"openmedgemma {args.command}")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,7 +157,7 @@ def _load(args):
     if dtype == "auto":
         dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
     quantize = args.quantize or ("int8" if args.int8 else None)
-    return Engine.from_pretrained(Path(args.model).expanduser(), dtype=dtype, device=device, quantize=quantize)
+    return Engine.from_pretrained(args.model, dtype=dtype, device=device, quantize=quantize)
 
 
 def _config(args):

@@ -140,6 +140,8 @@ class Engine:
     quantize: None, "int8" (weight-only) or "int8-dynamic" (CPU), applied to `model` in place.
     max_batch_size: conversations generated together (sorted by length, so padding stays small).
     prefill_chunk: prompt tokens per prefill step (bounds activation memory for long prompts).
+    compile: run decode steps through `torch.compile` (opt-in: the first step compiles, tens of seconds
+    on CPU; `decoder.compile_seconds` says how long). Needs fast=True.
     image_cache_size: image features kept (by content hash of the pixels), so asking again about an
     image skips the vision tower; `vision_calls` counts the images the tower ran on.
     """
@@ -154,6 +156,7 @@ class Engine:
         quantize: str | None = None,
         image_cache_size: int = 64,
         fast: bool = True,
+        compile: bool = False,
     ):
         if max_batch_size < 1:
             raise OpenMedGemmaError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -170,7 +173,9 @@ class Engine:
         if quantize:
             quantize_model(model, quantize)
             self.head = quantized_head(model, quantize)
-        self.decoder = FastDecoder(model.language_model) if fast else False
+        if compile and not fast:
+            raise OpenMedGemmaError("compile=True compiles the fast decoder; it needs fast=True")
+        self.decoder = FastDecoder(model.language_model, compile=compile) if fast else False
         self.image_cache_size = image_cache_size
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.vision_calls = 0
@@ -272,29 +277,23 @@ class Engine:
     def _features_for(self, prompts: list[_Prompt]) -> list[torch.Tensor | None]:
         """Image features per prompt; the vision tower runs once on the images not in the cache."""
         keys = [[_content_key(px) for px in p.pixels] for p in prompts]
+        # features are taken from this snapshot, not from the LRU, which may evict while this batch is stored
+        known = {key: self._features[key] for row in keys for key in row if key in self._features}
         missing: dict[str, torch.Tensor] = {}
         for p, row_keys in zip(prompts, keys):
             for px, key in zip(p.pixels, row_keys):
-                if key not in self._features:
+                if key not in known:
                     missing.setdefault(key, px)
-        computed = {}
         if missing:
             feats = image_features(self.model, torch.stack(list(missing.values())))
             self.vision_calls += len(missing)
-            computed = dict(zip(missing, feats))
-        out = []
-        for row_keys in keys:
-            row = []
-            for key in row_keys:
-                feat = self._features.get(key)
-                if feat is None:
-                    feat = computed[key]
-                    self._remember(key, feat)
-                else:
-                    self._features.move_to_end(key)
-                row.append(feat)
-            out.append(torch.stack(row) if row else None)
-        return out
+            known.update(zip(missing, feats))
+        for key in dict.fromkeys(key for row in keys for key in row):  # most recently used last
+            if key in self._features:
+                self._features.move_to_end(key)
+            else:
+                self._remember(key, known[key])
+        return [torch.stack([known[key] for key in row]) if row else None for row in keys]
 
     def _remember(self, key: str, feat: torch.Tensor) -> None:
         if self.image_cache_size <= 0:

@@ -15,7 +15,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("tasks", nargs="*", metavar="TASK", help="task names (see --list)")
     parser.add_argument("--list", action="store_true", help="list the tasks and their options")
-    parser.add_argument("--model", help="model folder (chat model, or MedSigLIP for embedding tasks)")
+    parser.add_argument("--model", help="model folder (chat model, or MedSigLIP for embedding tasks); default: the bundled nano "
+        "MedGemma for chat tasks and nano MedSigLIP for embedding tasks")
     parser.add_argument("--data-dir", help="folder holding the datasets (e.g. shared/data)")
     parser.add_argument("--out", default="results", help="output folder (default: results/)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
@@ -71,8 +72,8 @@ def run_command(args) -> int:
         return 0
     if not args.tasks:
         raise ConfigError("give at least one TASK, or --list to see them")
-    if not args.model or not args.data_dir:
-        raise ConfigError("--model and --data-dir are required to run tasks")
+    if not args.data_dir:
+        raise ConfigError("--data-dir is required to run tasks")
 
     from openmedgemma.eval import loaders, runner
     from openmedgemma.eval.summary import fmt_estimate
@@ -88,8 +89,11 @@ def run_command(args) -> int:
     models = {}
     for task in tasks:
         if task.kind not in models:
+            from openmedgemma.bundled import model_or_nano
+
             loader = loaders.load_chat_model if task.kind == "chat" else loaders.load_embedder
-            models[task.kind] = loader(args.model)
+            path = model_or_nano(args.model, "medgemma" if task.kind == "chat" else "medsiglip", "openmedgemma eval")
+            models[task.kind] = loader(str(path))
         res = runner.run_task(
             task,
             models[task.kind],

@@ -18,7 +18,7 @@ from openmedgemma.tokenizer.chat import (
     render_chat,
 )
 from openmedgemma.tokenizer.core import SPECIAL_TOKENS, IncrementalDecoder, Tokenizer
-from openmedgemma.tokenizer.siglip import SiglipTextTokenizer
+from openmedgemma.tokenizer.siglip import SiglipTextTokenizer, build_siglip_tokenizer
 from openmedgemma.tokenizer.thinking import THOUGHT_END, THOUGHT_START, split_thinking
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "THOUGHT_START",
     "IncrementalDecoder",
     "Tokenizer",
+    "build_siglip_tokenizer",
     "build_tokenizer",
     "compact_layout",
     "count_images",

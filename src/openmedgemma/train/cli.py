@@ -41,7 +41,35 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", metavar="DIR", help="root for relative data paths (overrides data.data_dir)")
     p.set_defaults(func=teacher_store)
+    p = stages.add_parser("nano", help="train the nano reference models from scratch (the whole recipe, ~20 min on 2 CPUs)",
+                          description="Run the MedGemma recipe in miniature on the shared data: tokenizers, nano "
+                          "MedSigLIP (siglip), then nano MedGemma (pretrain, sft, rl). The stage configs are "
+                          "configs/nano/*.toml. Writes OUT/medgemma-nano and OUT/medsiglip-nano.")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="the shared data folder (vqa_rad/, medmnist/, pubmedqa/)")
+    p.add_argument("--out", default="runs/nano", metavar="DIR", help="new folder for the run (default runs/nano)")
+    p.add_argument("--recipe", metavar="DIR", help="folder of the stage configs (default: the checkout's configs/nano)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--max-steps", type=int, default=0, metavar="N", help="cap every stage at N steps (a quick trial run)")
+    p.set_defaults(func=nano)
     parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
+
+
+def nano(args: argparse.Namespace) -> int:
+    import torch
+
+    from openmedgemma.errors import ConfigError
+    from openmedgemma.train.nano import run_nano
+
+    if args.max_steps < 0 or args.threads < 0:
+        raise ConfigError("--max-steps and --threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = run_nano(args.data_dir, args.out, args.recipe, seed=args.seed, max_steps=args.max_steps)
+    print(f"nano MedGemma: {summary['outputs']['medgemma']}")
+    print(f"nano MedSigLIP: {summary['outputs']['medsiglip']}")
+    print(f"total: {summary['seconds'] / 60:.1f} min")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

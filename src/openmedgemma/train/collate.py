@@ -14,6 +14,7 @@ Sequences longer than `max_length` are cut at the right; a cut never splits an i
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from openmedgemma.errors import DataError
+from openmedgemma.tokenizer.siglip import canonicalize
 from openmedgemma.train.data import Example
 
 IGNORE = -100
@@ -166,21 +168,21 @@ class LMCollator:
 
 
 class SiglipCollator:
-    """Image-text pairs -> {input_ids [B, text_length] (padded to max length, as MedSigLIP), pixel_values}."""
+    """Image-text pairs -> {input_ids [B, text_length], pixel_values}. `tokenizer` is a `SiglipTextTokenizer`:
+    canonicalised, `</s>`-terminated and padded to the text tower's length, exactly as at inference."""
 
-    def __init__(self, backend, *, text_length: int, pad_id: int, image_size: int, cache: ImageCache | None = None):
-        self.backend = backend  # a `tokenizers.Tokenizer`
-        self.text_length = text_length
-        self.pad_id = pad_id
+    def __init__(self, tokenizer, *, image_size: int, cache: ImageCache | None = None):
+        self.tokenizer = tokenizer
         self.image_size = image_size
         self.cache = cache if cache is not None else ImageCache(0)
 
     def __call__(self, examples: list[Example]) -> dict:
-        ids = torch.full((len(examples), self.text_length), self.pad_id, dtype=torch.long)
-        for i, ex in enumerate(examples):
-            if len(ex.images) != 1:
-                raise DataError(f"{ex.source}: a SigLIP pair needs exactly one image, got {len(ex.images)}")
-            tokens = self.backend.encode(ex.answer.strip()).ids[: self.text_length]
-            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        bad = next((ex for ex in examples if len(ex.images) != 1), None)
+        if bad is not None:
+            raise DataError(f"{bad.source}: a SigLIP pair needs exactly one image, got {len(bad.images)}")
+        ids = self.tokenizer([ex.answer.strip() for ex in examples])
         pixel_values = self.cache.pixel_values([ex.images[0] for ex in examples], self.image_size)
-        return {"input_ids": ids, "pixel_values": pixel_values, "n_tokens": int(ids.numel())}
+        # pairs of one group are positives for each other: the same caption, or a class's captions (meta)
+        keys = [str(ex.meta.get("caption_group", "text:" + canonicalize(ex.answer))) for ex in examples]
+        groups = torch.tensor([zlib.crc32(k.encode("utf-8")) for k in keys], dtype=torch.long)
+        return {"input_ids": ids, "pixel_values": pixel_values, "groups": groups, "n_tokens": int(ids.numel())}

@@ -135,10 +135,11 @@ class DistributedSection:
 
 @dataclass
 class SiglipSection:
-    text_length: int = 64  # MedSigLIP pads text to 64 tokens
+    text_length: int = 64  # MedSigLIP pads text to 64 tokens (must equal the text tower's positions)
     chunk_size: int = 0  # >0: the chunked sigmoid loss, this many texts at a time
-    pad_id: int = -1  # -1: the tokenizer's <pad> (or </s>), else the config's pad_token_id
+    pad_id: int = -1  # -1: the tokenizer's pad (SigLIP pads with </s>)
     gather: bool = True  # distributed: score each image against every rank's texts
+    duplicate_positives: bool = True  # a caption repeated in the batch (or one class's captions) is positive for all their images
 
 
 @dataclass

@@ -23,24 +23,23 @@ from typing import Any
 import numpy as np
 
 from openmedgemma.errors import DataError
+from openmedgemma.eval.prompts import MCQ_TEMPLATE, PUBMEDQA_CONTEXT, VQA_TEMPLATE, cxr_prompt
 
-# The report's VQA prompt (spec §4), so that fine-tuning sees what evaluation asks.
-VQA_PROMPT = (
-    "Given this radiology image, which can be a frontal chest X-ray, a single slice head or abdominal CT or "
-    "MR image, provide a very short, definitive, and concise answer (if possible, a single word) to the "
-    "following question: {question}"
-)
-# The report's MCQ instruction (spec §4); the target is the final answer line it asks for.
-MCQ_PROMPT = (
-    "Instructions: The following are multiple choice questions about medical knowledge. Solve them in a "
-    "step-by-step fashion, starting by summarizing the available information. Output a single option from the "
-    "{n} options as the final answer. {context}Question: {question} Response (think step by step and then end "
-    'with "Final Answer:" followed by *only* the letter corresponding to the correct answer enclosed in '
-    "parentheses)"
-)
-PUBMEDQA_CONTEXT = "Answer the following question given the context (reply with one of the options): Context: {context} "
-PNEUMONIA_PROMPT = "Is there pneumonia in this pediatric chest X-ray? Answer yes or no."
-PNEUMONIA_CAPTIONS = ("A normal pediatric chest X-ray without pneumonia.", "A pediatric chest X-ray showing pneumonia.")
+# The evaluation's prompts (the report's, spec §4), so that fine-tuning sees exactly what evaluation asks.
+VQA_PROMPT = VQA_TEMPLATE
+# The MCQ instruction with "{n}" for the number of options; the target is the final answer line it asks for.
+MCQ_PROMPT = MCQ_TEMPLATE.replace("from the four options", "from the {n} options")
+# PneumoniaMNIST as the report's CXR classification question; the target is the answer line it asks for.
+PNEUMONIA_PROMPT = cxr_prompt("pneumonia")
+PNEUMONIA_ANSWERS = ("Final Answer: no", "Final Answer: yes")
+# Captions per class (normal, pneumonia), taken in turn by image index: several phrasings, so that a text tower
+# learns what separates the classes ("no", "normal", "showing ...") rather than one fixed sentence.
+PNEUMONIA_CAPTIONS = (
+    ("A normal pediatric chest X-ray without pneumonia.", "Normal chest X-ray.", "No pneumonia.",
+     "Clear lungs with no consolidation.", "A pediatric chest radiograph with no acute findings."),
+    ("A pediatric chest X-ray showing pneumonia.", "Chest X-ray with pneumonia.", "Pneumonia.",
+     "Lung consolidation consistent with pneumonia.", "A pediatric chest radiograph showing pneumonia."),
+)  # fmt: skip
 _NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
 
 VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
@@ -218,12 +217,14 @@ def pneumonia_mnist(path: str | Path, split: str = "train", fmt: str = "qa") -> 
     for i, (image, label) in enumerate(zip(images, labels)):
         label = int(label)
         if fmt == "caption":
-            ex = Example(answer=PNEUMONIA_CAPTIONS[label], images=(image,))
+            captions = PNEUMONIA_CAPTIONS[label]
+            ex = Example(answer=captions[i % len(captions)], images=(image,))
         elif fmt == "qa":
-            ex = Example(prompt=PNEUMONIA_PROMPT, answer="yes" if label else "no", images=(image,))
+            ex = Example(prompt=PNEUMONIA_PROMPT, answer=PNEUMONIA_ANSWERS[label], images=(image,))
         else:
             raise DataError(f"{path}: PneumoniaMNIST has images; use format qa or caption, not {fmt!r}")
-        ex.source, ex.meta = f"pneumonia_mnist:{split}", {"index": i, "label": label}
+        # every caption of a class is a positive for every image of that class (SigLIP's duplicate_positives)
+        ex.source, ex.meta = f"pneumonia_mnist:{split}", {"index": i, "label": label, "caption_group": f"pneumonia:{label}"}
         out.append(ex)
     return out
 

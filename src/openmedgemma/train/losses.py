@@ -32,20 +32,25 @@ def siglip_logits(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tenso
 
 
 def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                 positive_offset: int = 0, normalizer: int | None = None, chunk_size: int = 0) -> torch.Tensor:
+                 positive_offset: int = 0, normalizer: int | None = None, chunk_size: int = 0,
+                 positives: torch.Tensor | None = None) -> torch.Tensor:
     """SigLIP's loss for normalised image embeddings img [B, D] and text embeddings txt [M, D].
 
     Image i's positive text is txt[i + positive_offset] (0 when both hold the same batch; a rank's offset when
-    txt gathers every rank's texts); every other pair is a negative. Returns -sum(logsigmoid(z * logits)) /
+    txt gathers every rank's texts); every other pair is a negative, unless `positives` (bool [B, M]) marks
+    more pairs as positive (the same caption given to several images). Returns -sum(logsigmoid(z * logits)) /
     normalizer (default B). `chunk_size > 0` gives the same value and gradients block by block.
     """
     norm = normalizer or img.shape[0]
-    if chunk_size and chunk_size < txt.shape[0]:
-        return _ChunkedSigmoidLoss.apply(img, txt, logit_scale, logit_bias, positive_offset, chunk_size) / norm
-    logits = siglip_logits(img, txt, logit_scale, logit_bias)
-    labels = -torch.ones_like(logits)
+    if positives is None:
+        positives = torch.zeros(img.shape[0], txt.shape[0], dtype=torch.bool, device=img.device)
+    positives = positives.clone()
     idx = torch.arange(img.shape[0], device=img.device)
-    labels[idx, idx + positive_offset] = 1.0
+    positives[idx, idx + positive_offset] = True
+    if chunk_size and chunk_size < txt.shape[0]:
+        return _ChunkedSigmoidLoss.apply(img, txt, logit_scale, logit_bias, positives, chunk_size) / norm
+    logits = siglip_logits(img, txt, logit_scale, logit_bias)
+    labels = positives.to(logits.dtype) * 2 - 1
     return -F.logsigmoid(labels * logits).sum() / norm
 
 
@@ -57,29 +62,24 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def _block(img, txt, scale, bias, j0, j1, offset):
+    def _block(img, txt, scale, bias, j0, j1, positives):
         logits = img @ txt[j0:j1].t() * scale + bias
-        z = -torch.ones_like(logits)
-        rows = torch.arange(img.shape[0], device=img.device)
-        cols = rows + offset - j0
-        inside = (cols >= 0) & (cols < j1 - j0)
-        z[rows[inside], cols[inside]] = 1.0
-        return logits, z
+        return logits, positives[:, j0:j1].to(logits.dtype) * 2 - 1
 
     @staticmethod
-    def forward(ctx, img, txt, logit_scale, logit_bias, offset, chunk):
-        ctx.save_for_backward(img, txt, logit_scale, logit_bias)
-        ctx.offset, ctx.chunk = offset, chunk
+    def forward(ctx, img, txt, logit_scale, logit_bias, positives, chunk):
+        ctx.save_for_backward(img, txt, logit_scale, logit_bias, positives)
+        ctx.chunk = chunk
         scale = logit_scale.exp()
         total = img.new_zeros(())
         for j0 in range(0, txt.shape[0], chunk):
-            logits, z = _ChunkedSigmoidLoss._block(img, txt, scale, logit_bias, j0, min(j0 + chunk, txt.shape[0]), offset)
+            logits, z = _ChunkedSigmoidLoss._block(img, txt, scale, logit_bias, j0, min(j0 + chunk, txt.shape[0]), positives)
             total = total - F.logsigmoid(z * logits).sum()
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        img, txt, logit_scale, logit_bias = ctx.saved_tensors
+        img, txt, logit_scale, logit_bias, positives = ctx.saved_tensors
         scale = logit_scale.exp()
         d_img = torch.zeros_like(img)
         d_txt = torch.zeros_like(txt)
@@ -87,7 +87,7 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
         d_bias = logit_bias.new_zeros(())
         for j0 in range(0, txt.shape[0], ctx.chunk):
             j1 = min(j0 + ctx.chunk, txt.shape[0])
-            logits, z = _ChunkedSigmoidLoss._block(img, txt, scale, logit_bias, j0, j1, ctx.offset)
+            logits, z = _ChunkedSigmoidLoss._block(img, txt, scale, logit_bias, j0, j1, positives)
             g = -z * torch.sigmoid(-z * logits) * grad
             d_img += scale * g @ txt[j0:j1]
             d_txt[j0:j1] = scale * g.t() @ img

@@ -178,24 +178,30 @@ class SiglipModule(nn.Module):
     """The sigmoid loss of a MedSigLIP on a batch of pairs. Distributed with `gather`: each rank scores its
     images against every rank's texts (as SigLIP's chunked implementation), so the loss is the global batch's."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 0, gather: bool = True):
+    def __init__(self, model: nn.Module, chunk_size: int = 0, gather: bool = True, duplicate_positives: bool = True):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.gather = gather
+        self.duplicate_positives = duplicate_positives
 
-    def forward(self, input_ids, pixel_values, **_):
+    def forward(self, input_ids, pixel_values, groups=None, **_):
         img = nn.functional.normalize(self.model.get_image_features(pixel_values), dim=-1)
         txt = nn.functional.normalize(self.model.get_text_features(input_ids), dim=-1)
-        offset, norm = 0, img.shape[0]
+        # pairs of one group (the same caption, or one class's captions) are not negatives of each other
+        keys = groups.unsqueeze(-1) if groups is not None else input_ids
+        offset, norm, all_keys = 0, img.shape[0], keys
         if self.gather and torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             if world > 1:
                 from openmedgemma.train.distributed import gather_rows
 
                 txt = gather_rows(txt)
+                all_keys = gather_rows(keys)
                 offset, norm = torch.distributed.get_rank() * img.shape[0], img.shape[0] * world
+        positives = (keys[:, None, :] == all_keys[None, :, :]).all(-1) if self.duplicate_positives else None
         loss = sigmoid_loss(upcast(img), upcast(txt), self.model.logit_scale, self.model.logit_bias,
-                            positive_offset=offset, normalizer=norm, chunk_size=self.chunk_size)  # fmt: skip
+                            positive_offset=offset, normalizer=norm, chunk_size=self.chunk_size,
+                            positives=positives)  # fmt: skip
         # the step divides by the number of micro-batches; `norm` already made this a per-image mean
         return loss * (norm // img.shape[0]), 1, {}

@@ -470,26 +470,24 @@ class SiglipStage(Stage):
 
     def setup(self) -> None:
         super().setup()
-        from tokenizers import Tokenizer as Backend
+        from openmedgemma.tokenizer.siglip import SiglipTextTokenizer
 
         src = self.tokenizer_source()
-        file = src / "tokenizer.json" if src is not None and src.is_dir() else src
-        if file is None or not file.is_file():
-            raise ConfigError(f"{self.cfg.source_file}: no tokenizer.json for the text tower (set model.tokenizer)")
-        try:
-            self.backend = Backend.from_file(str(file))
-        except Exception as err:  # tokenizers raises a plain Exception
-            raise ConfigError(f"{file}: not a valid tokenizer.json ({err})") from None
+        folder = src.parent if src is not None and src.is_file() else src
+        if folder is None:
+            raise ConfigError(f"{self.cfg.source_file}: [model] config = ... needs tokenizer = (a folder with spiece.model)")
         s, mc = self.cfg.siglip, self.model.config
-        pad = s.pad_id
-        if pad < 0:
-            pad = next((i for i in (self.backend.token_to_id("<pad>"), self.backend.token_to_id("</s>")) if i is not None),
-                       mc.text.pad_token_id)  # fmt: skip
-        if s.text_length > mc.text.max_position_embeddings:
-            raise ConfigError(f"{self.cfg.source_file}: siglip.text_length = {s.text_length} exceeds the text tower's "
-                              f"{mc.text.max_position_embeddings} positions")  # fmt: skip
+        if s.text_length != mc.text.max_position_embeddings:
+            # the text tower pools the last position: texts must be padded exactly as at inference
+            raise ConfigError(f"{self.cfg.source_file}: siglip.text_length = {s.text_length} but the text tower has "
+                              f"{mc.text.max_position_embeddings} positions and pools the last one; make them equal")  # fmt: skip
+        tok = SiglipTextTokenizer.from_pretrained(folder, max_length=s.text_length)
+        if tok.vocab_size > mc.text.vocab_size:
+            raise ConfigError(f"{tok.source}: {tok.vocab_size} pieces, more than the text tower's vocabulary ({mc.text.vocab_size})")
+        if s.pad_id >= 0:
+            tok.pad_id = s.pad_id
         size = self.cfg.data.image_size or mc.vision.image_size
-        self.collator = SiglipCollator(self.backend, text_length=s.text_length, pad_id=pad, image_size=size, cache=self.cache)
+        self.collator = SiglipCollator(tok, image_size=size, cache=self.cache)
 
     def check_source(self, examples, s):
         bad = next((ex for ex in examples if len(ex.images) != 1), None)
@@ -499,7 +497,8 @@ class SiglipStage(Stage):
         return examples
 
     def build_module(self):
-        return SiglipModule(self.model, self.cfg.siglip.chunk_size, self.cfg.siglip.gather)
+        s = self.cfg.siglip
+        return SiglipModule(self.model, s.chunk_size, s.gather, s.duplicate_positives)
 
     def collate(self, examples: list) -> dict:
         return self.collator(examples)
@@ -515,10 +514,10 @@ class SiglipStage(Stage):
 
     def copy_tokenizer(self, folder: Path) -> None:
         src = self.tokenizer_source()
-        if src is not None and src.is_file():
-            shutil.copy2(src, folder / "tokenizer.json")
-        else:
-            super().copy_tokenizer(folder)
+        src = src.parent if src is not None and src.is_file() else src
+        for name in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json"):
+            if src is not None and (src / name).is_file():
+                shutil.copy2(src / name, folder / name)
 
 
 STAGE_CLASSES = {"siglip": SiglipStage, "pretrain": PretrainStage, "sft": SFTStage, "distill": DistillStage, "rl": RLStage}
