@@ -53,7 +53,7 @@ def test_medgemma_nano_same_logits_in_transformers_and_ours():
     torch.testing.assert_close(pixels, inputs["pixel_values"], atol=0, rtol=0)
 
     with torch.no_grad():
-        ref = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"]).logits
+        ref = hf(**inputs).logits  # token_type_ids included: bidirectional attention inside the image
         got = ours(torch.tensor([ids]), pixel_values=pixels)
     torch.testing.assert_close(got, ref, **TOL)
     assert ref[0, -1].argmax() != tok.pad_id  # a trained model, not an all-pad one

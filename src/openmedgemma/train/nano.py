@@ -32,7 +32,7 @@ NANO_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_c
               "spiece.model")  # fmt: skip
 # What transformers' AutoProcessor needs beside the tokenizer: the image processors of the official folders,
 # at the nano input size (resize to size x size, bilinear, x/255, (x - 0.5) / 0.5).
-_IMAGE_PROCESSOR = {"do_convert_rgb": None, "do_normalize": True, "do_rescale": True, "do_resize": True,
+_IMAGE_PROCESSOR = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
                     "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2,
                     "rescale_factor": 1 / 255}  # fmt: skip
 
