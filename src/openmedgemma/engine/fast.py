@@ -81,10 +81,9 @@ def _fused(modules) -> torch.Tensor | None:
 
 
 class FastDecoder:
-    def __init__(self, language_model, *, pack: bool = True, compile: bool = False):
+    def __init__(self, language_model, *, compile: bool = False):
         self.lm = language_model
-        if pack:
-            pack_weights(language_model)
+        pack_weights(language_model)
         # compile: decode steps run `_static_step` through torch.compile (built on the first step; dynamic
         # shapes, so other batch sizes / cache capacities reuse it). While tracing, the helpers below
         # skip their host-side caches (data_ptr / _version keys cannot be traced); the compiled graph

@@ -75,6 +75,7 @@ def run_command(args) -> int:
     if not args.data_dir:
         raise ConfigError("--data-dir is required to run tasks")
 
+    from openmedgemma.bundled import model_or_nano
     from openmedgemma.eval import loaders, runner
     from openmedgemma.eval.summary import fmt_estimate
     from openmedgemma.eval.tasks import get_task
@@ -89,8 +90,6 @@ def run_command(args) -> int:
     models = {}
     for task in tasks:
         if task.kind not in models:
-            from openmedgemma.bundled import model_or_nano
-
             loader = loaders.load_chat_model if task.kind == "chat" else loaders.load_embedder
             path = model_or_nano(args.model, "medgemma" if task.kind == "chat" else "medsiglip", "openmedgemma eval")
             models[task.kind] = loader(str(path))

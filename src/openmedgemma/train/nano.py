@@ -65,22 +65,26 @@ def load_recipe(recipe_dir: Path, data_dir: Path, out: Path, seed: int, max_step
     return configs
 
 
-def training_texts(cfg: TrainConfig) -> list[str]:
-    """Prompts and answers of a stage's training sources (the tokenizers learn from nothing else)."""
+def training_texts(*configs: TrainConfig) -> list[str]:
+    """The distinct prompts and answers of these stages' training sources (the tokenizers learn from nothing
+    else), sorted; a source several stages share is read once."""
     from openmedgemma.train.data import load_source
 
-    texts = []
-    for s in cfg.data.sources:
-        path = Path(s.path) if Path(s.path).is_absolute() else Path(cfg.data.data_dir) / s.path
-        for ex in load_source(s.kind, path, s.split, s.format, s.split_scheme, s.limit):
-            texts += [t for t in (ex.prompt, ex.answer) if t]
-    return texts
+    texts, seen = set(), set()
+    for cfg in configs:
+        for s in cfg.data.sources:
+            path = Path(s.path) if Path(s.path).is_absolute() else Path(cfg.data.data_dir) / s.path
+            key = (s.kind, str(path), s.split, s.format, s.split_scheme, s.limit)
+            if key not in seen:
+                seen.add(key)
+                texts.update(t for ex in load_source(*key) for t in (ex.prompt, ex.answer) if t)
+    return sorted(texts)
 
 
 def build_tokenizers(configs: dict[str, TrainConfig], out: Path) -> tuple[Path, Path]:
     from openmedgemma.tokenizer import build_siglip_tokenizer, build_tokenizer
 
-    gemma_texts = sorted({t for stage in ("pretrain", "sft", "rl") for t in training_texts(configs[stage])})
+    gemma_texts = training_texts(configs["pretrain"], configs["sft"], configs["rl"])
     siglip_texts = training_texts(configs["siglip"]) + gemma_texts
     gemma = build_tokenizer(out / "tokenizers" / "gemma", layout="compact", texts=gemma_texts, vocab_size=GEMMA_VOCAB)
     siglip = build_siglip_tokenizer(out / "tokenizers" / "siglip", siglip_texts, SIGLIP_VOCAB,

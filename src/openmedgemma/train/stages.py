@@ -472,8 +472,7 @@ class SiglipStage(Stage):
         super().setup()
         from openmedgemma.tokenizer.siglip import SiglipTextTokenizer
 
-        src = self.tokenizer_source()
-        folder = src.parent if src is not None and src.is_file() else src
+        folder = self.tokenizer_folder()
         if folder is None:
             raise ConfigError(f"{self.cfg.source_file}: [model] config = ... needs tokenizer = (a folder with spiece.model)")
         s, mc = self.cfg.siglip, self.model.config
@@ -512,9 +511,13 @@ class SiglipStage(Stage):
             raise ConfigError("siglip: every micro-batch must have the same size when gathering across ranks")
         return batches, stats
 
-    def copy_tokenizer(self, folder: Path) -> None:
+    def tokenizer_folder(self) -> Path | None:
+        """The folder holding spiece.model (model.tokenizer may name a file in it)."""
         src = self.tokenizer_source()
-        src = src.parent if src is not None and src.is_file() else src
+        return src.parent if src is not None and src.is_file() else src
+
+    def copy_tokenizer(self, folder: Path) -> None:
+        src = self.tokenizer_folder()
         for name in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json"):
             if src is not None and (src / name).is_file():
                 shutil.copy2(src / name, folder / name)
