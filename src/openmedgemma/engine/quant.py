@@ -2,9 +2,10 @@
 
 `quantize(model, "int8")` replaces every linear layer of the decoder (q, k, v, o, gate, up, down) by
 `Int8Linear` in place. Weight-only: activations stay in the model dtype, y = (x @ q.T) * scale.
-  - CPU, decode (a few rows): `torch.ops.aten._weight_int8pack_mm`, the fused kernel gpt-fast uses
-    (vectorised for AVX-512; a plainer loop on AVX2-only CPUs). Prefill (many rows): dequantize,
-    then one BLAS matmul.
+  - CPU, decode (a few rows): the engine's AVX2 kernel (`engine/native.py`, built once on first use),
+    which streams the int8 weights, held in blocks of 32 output channels, at close to the memory
+    bandwidth. Where it cannot be built, torch's `_weight_int8pack_mm` (fast on AVX-512 only).
+    Prefill (many rows): dequantize, then one BLAS matmul.
   - other devices: dequantize then matmul (`F.linear(x, q.to(x.dtype)) * scale`), which saves
     memory but not time unless fused by torch.compile.
 `quantize(model, "int8-dynamic")` (CPU only) stores the same int8 weights but runs them with
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openmedgemma.engine import native
 from openmedgemma.errors import OpenMedGemmaError
 
 MODES = ("int8", "int8-dynamic")
@@ -37,7 +39,11 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer holding int8 weights [out, in] and per-output-channel scales."""
+    """A bias-free linear layer holding int8 weights and per-output-channel scales.
+
+    `weight_int8` is [out, in], or on CPU with the native kernel its blocks [ceil(out / 32), in, 32]
+    (`native.pack_blocks`); `int8_rows()` gives [out, in] either way.
+    """
 
     def __init__(self, weight: torch.Tensor, mode: str = "int8"):
         super().__init__()
@@ -46,19 +52,29 @@ class Int8Linear(nn.Module):
         q, scale = quantize_weight(weight)
         self.mode = mode
         self.out_features, self.in_features = q.shape
-        self.register_buffer("weight_int8", q.to(weight.device))
+        blocked = mode == "int8" and weight.device.type == "cpu" and native.int8_gemv_available()
+        self.register_buffer("weight_int8", (native.pack_blocks(q) if blocked else q).to(weight.device))
         self.register_buffer("scale", scale.to(device=weight.device, dtype=weight.dtype))
         self._packed = _fbgemm_pack(q, scale, weight.device) if mode == "int8-dynamic" else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
 
+    def int8_rows(self) -> torch.Tensor:
+        """The int8 weight as [out, in] (a copy if held in blocks)."""
+        w = self.weight_int8
+        return w if w.dim() == 2 else native.unpack_blocks(w, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        decode = x.device.type == "cpu" and x2.shape[0] <= FUSED_MAX_ROWS
         if self._packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._packed, True).to(x.dtype)
-        elif x.device.type == "cpu" and x2.shape[0] <= FUSED_MAX_ROWS:
+        elif decode and self.weight_int8.dim() == 3:
+            y = native.int8_gemv(x2.float().contiguous(), self.weight_int8, self.scale.float(), self.out_features)
+            y = y.to(x.dtype)
+        elif decode:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale.to(x.dtype))
         else:
             y = self.dequant_matmul(x2)
@@ -66,7 +82,13 @@ class Int8Linear(nn.Module):
 
     def dequant_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The portable path (any device): dequantize the weight, then an ordinary matmul."""
-        return F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+        w, scale = self.weight_int8, self.scale.to(x.dtype)
+        if w.dim() == 2:
+            return F.linear(x, w.to(x.dtype)) * scale
+        # blocks [B, K, 32] -> [K, B * 32] in x's dtype, converted and re-laid out in one pass
+        k = w.shape[1]
+        dense = torch.empty(k, w.shape[0], w.shape[2], dtype=x.dtype, device=x.device).copy_(w.permute(1, 0, 2))
+        return (x @ dense.view(k, -1))[:, : self.out_features] * scale
 
 
 def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, device: torch.device):

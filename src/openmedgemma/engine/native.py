@@ -1,0 +1,127 @@
+"""The engine's compiled CPU kernel (`int8_gemv.cpp`): built once on this machine, then loaded from a cache.
+
+Weight-only int8 decode on CPU needs a matrix-vector product that reads the int8 weights directly;
+torch has one only for AVX-512 CPUs. The kernel is C++ against torch's own headers and libraries
+(so it runs on torch's thread pool and is a real torch op, `torch.ops.openmedgemma.int8_gemv`, which
+torch.compile can trace), built with the system C++ compiler the first time it is needed (~15 s) into
+`$OPENMEDGEMMA_CACHE` (default `$XDG_CACHE_HOME/openmedgemma`, else `~/.cache/openmedgemma`) and reused
+by every later process. Nothing is downloaded. Where it cannot be built or run (no compiler, a CPU
+without AVX2, not x86-64, `OPENMEDGEMMA_NATIVE=0`), `int8_gemv_available()` is False, says why once,
+and callers keep torch's kernels.
+
+Weights for the kernel are held in blocks of 32 output channels: `pack_blocks` / `unpack_blocks`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("int8_gemv.cpp")
+BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+def pack_blocks(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> [ceil(N / 32), K, 32]: each block's 32 weights of one input adjacent (rows past N zero)."""
+    n, k = q.shape
+    pad = -n % BLOCK
+    return F.pad(q, (0, 0, 0, pad)).view(-1, BLOCK, k).transpose(1, 2).contiguous()
+
+
+def unpack_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `pack_blocks`: [ceil(N / 32), K, 32] -> [N, K] (a copy)."""
+    return blocks.transpose(1, 2).reshape(-1, blocks.shape[1])[:n]
+
+
+def int8_gemv(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """fp32 x [M, K] times the blocked int8 weight, times scale [N] -> fp32 [M, N] (needs `int8_gemv_available()`)."""
+    return torch.ops.openmedgemma.int8_gemv(x, blocks, scale, n)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("OPENMEDGEMMA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "openmedgemma"
+    return Path(root).expanduser() / "kernels"
+
+
+@functools.cache
+def int8_gemv_available() -> bool:
+    """Load the kernel, building it first if this machine has no cached build; False (said once) if it cannot."""
+    reason = _unsupported()
+    if reason is None:
+        try:
+            torch.ops.load_library(str(_build()))
+        except (NativeBuildError, OSError, RuntimeError) as err:
+            reason = str(err)
+    if reason is not None:
+        print(f"openmedgemma: the int8 CPU kernel is not used ({reason}); int8 decode on CPU falls back to "
+              "torch's kernel, which is slower than fp32 on CPUs without AVX-512", file=sys.stderr)  # fmt: skip
+        return False
+    torch.library.register_fake("openmedgemma::int8_gemv")(_fake)
+    return True
+
+
+def _fake(x, blocks, scale, n):  # output shape for torch.compile's tracing
+    return x.new_empty((x.shape[0], n))
+
+
+def _unsupported() -> str | None:
+    if os.environ.get("OPENMEDGEMMA_NATIVE", "1") == "0":
+        return "OPENMEDGEMMA_NATIVE=0"
+    if sys.platform == "win32" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it is written for x86-64 Linux / macOS, this is {sys.platform} {platform.machine()}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"this CPU lacks AVX2 (torch reports {capability})"
+    return None
+
+
+def _build() -> Path:
+    """The cached shared library for this source, torch and compiler; compiled now if missing."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise NativeBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    torch_dir = Path(torch.__file__).parent
+    flags = ["-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC", "-w",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+             f"-L{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]  # fmt: skip
+    if sys.platform == "darwin":
+        flags += ["-undefined", "dynamic_lookup"]  # Apple clang has no OpenMP: at::parallel_for runs serially
+    else:
+        flags.append("-fopenmp")  # at::parallel_for is OpenMP inlined here; libgomp.so.1 is torch's, already loaded
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((torch.__version__, str(torch_dir), cxx, flags)).encode())
+    target = cache_dir() / f"int8_gemv-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise NativeBuildError(f"cannot create the kernel cache {target.parent}: {err.strerror}") from None
+    print(f"openmedgemma: building the int8 CPU kernel (once, ~15 s) into {target.parent}", file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build beside, then rename: atomic for
+    os.close(fd)  # several processes building at once
+    try:
+        done = subprocess.run([cxx, str(SOURCE), "-o", tmp, *flags], capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            tail = " ".join(done.stderr.strip().splitlines()[-3:])
+            raise NativeBuildError(f"{cxx} failed to compile {SOURCE.name}: {tail[-500:]}")
+        os.replace(tmp, target)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise NativeBuildError(f"could not run {cxx}: {err}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target

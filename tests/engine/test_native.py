@@ -1,0 +1,121 @@
+"""The compiled int8 CPU kernel (engine/native.py + int8_gemv.cpp): built, exact to fp32 rounding, traceable.
+
+In CI (CI=true, an x86-64 AVX2 machine with g++) the kernel must build: a missing kernel there is a
+failure, not a skip, since int8 decode would silently fall back to torch's slow kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from openmedgemma.engine import Int8Linear, native
+from openmedgemma.engine.quant import quantize_weight
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not native.int8_gemv_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("the int8 CPU kernel did not build in CI (see the message on stderr)")
+        pytest.skip("the int8 CPU kernel cannot be built or run on this machine")
+
+
+def _reference(x, q, scale):
+    return (x.double() @ (q.double() * scale.double()[:, None]).T).float()  # exact products, one rounding
+
+
+@pytest.mark.parametrize(("n", "k", "m"), [(32, 64, 1), (40, 64, 1), (33, 7, 3), (1, 1, 1), (100, 129, 8), (96, 2, 5)])
+def test_kernel_equals_the_dequantized_product(kernel, n, k, m):
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    scale = torch.rand(n, generator=gen) + 0.01
+    x = torch.randn(m, k, generator=gen)
+    y = native.int8_gemv(x, native.pack_blocks(q), scale, n)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    # within the fp32 dot-product error bound k * eps * sum |x_i w_i| of each output
+    bound = k * torch.finfo(torch.float32).eps * (x.double().abs() @ (q.double().abs() * scale.double()[:, None]).T)
+    assert ((y.double() - _reference(x, q, scale).double()).abs() <= bound + 1e-30).all()
+
+
+def test_blocks_round_trip_and_pad_with_zeros():
+    q = torch.randint(-127, 128, (45, 6), dtype=torch.int8)
+    blocks = native.pack_blocks(q)
+    assert blocks.shape == (2, 6, 32) and blocks.is_contiguous()
+    assert torch.equal(blocks[1, :, 13:], torch.zeros(6, 19, dtype=torch.int8))  # rows 45..63
+    assert torch.equal(blocks[0, 2], q[:32, 2])  # block 0, input 2: the 32 channels' weights side by side
+    assert torch.equal(native.unpack_blocks(blocks, 45), q)
+
+
+def test_threads_split_blocks_without_changing_the_result(kernel):
+    q = torch.randint(-127, 128, (1000, 300), dtype=torch.int8)
+    scale, x = torch.rand(1000), torch.randn(2, 300)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.int8_gemv(x, native.pack_blocks(q), scale, 1000)
+        torch.set_num_threads(2)
+        two = native.int8_gemv(x, native.pack_blocks(q), scale, 1000)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each output is summed by one thread, in the same order
+
+
+def test_bad_arguments_are_refused_with_the_reason(kernel):
+    blocks = native.pack_blocks(torch.zeros(40, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="x has 9 columns but w has K = 8"):
+        native.int8_gemv(torch.zeros(1, 9), blocks, torch.ones(40), 40)
+    with pytest.raises(RuntimeError, match="cannot hold N = 80"):
+        native.int8_gemv(torch.zeros(1, 8), blocks, torch.ones(80), 80)
+    with pytest.raises(RuntimeError, match="fp32"):
+        native.int8_gemv(torch.zeros(1, 8, dtype=torch.float64), blocks, torch.ones(40), 40)
+
+
+def test_op_is_a_well_formed_torch_op_and_compiles_without_graph_breaks(kernel):
+    args = (torch.randn(2, 10), native.pack_blocks(torch.randint(-127, 128, (40, 10), dtype=torch.int8)),
+            torch.rand(40), 40)  # fmt: skip
+    torch.library.opcheck(torch.ops.openmedgemma.int8_gemv.default, args)  # schema, fake tensor, dispatch
+    layer = Int8Linear(torch.randn(40, 10))
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
+    x = torch.randn(1, 10)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_int8_linear_uses_the_kernel_on_cpu_and_torch_without_it(kernel, monkeypatch):
+    w = torch.randn(70, 48)
+    x = torch.randn(2, 48)
+    q, scale = quantize_weight(w)
+    fast = Int8Linear(w)
+    assert fast.weight_int8.shape == (3, 48, 32)  # held in the kernel's blocks
+    assert torch.equal(fast.int8_rows(), q)
+    monkeypatch.setattr(native, "int8_gemv_available", lambda: False)
+    plain = Int8Linear(w)
+    assert plain.weight_int8.shape == (70, 48)  # torch's _weight_int8pack_mm layout
+    for layer in (fast, plain):
+        torch.testing.assert_close(layer(x), _reference(x, q, scale), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.dequant_matmul(x), _reference(x, q, scale), atol=1e-4, rtol=1e-4)
+
+
+def test_a_failed_build_is_one_clear_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENMEDGEMMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    with pytest.raises(native.NativeBuildError, match="false failed to compile int8_gemv.cpp"):
+        native._build()
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.NativeBuildError, match="could not run"):
+        native._build()
+    assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left in the cache
+
+
+def test_disabled_kernel_says_why_once(monkeypatch, capsys):
+    monkeypatch.setenv("OPENMEDGEMMA_NATIVE", "0")
+    native.int8_gemv_available.cache_clear()
+    try:
+        assert native.int8_gemv_available() is False
+        assert native.int8_gemv_available() is False
+        err = capsys.readouterr().err
+        assert err.count("the int8 CPU kernel is not used (OPENMEDGEMMA_NATIVE=0)") == 1
+    finally:
+        native.int8_gemv_available.cache_clear()  # the next caller loads it again (dlopen of a loaded library)
