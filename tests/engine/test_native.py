@@ -107,6 +107,12 @@ def test_a_failed_build_is_one_clear_reason(tmp_path, monkeypatch):
     with pytest.raises(native.NativeBuildError, match="could not run"):
         native._build()
     assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left in the cache
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("OPENMEDGEMMA_CACHE", str(blocker))  # cache cannot be created: builds in a temp folder
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(native.NativeBuildError, match="failed to compile"):
+        native._build()
 
 
 def test_disabled_kernel_says_why_once(monkeypatch, capsys):

@@ -10,7 +10,7 @@
 // Layout: w is held as [ceil(N / 32), K, 32] (engine/native.py `pack_blocks`): for each block of 32
 // output channels the 32 weights of input k are adjacent, so a block is one contiguous stream and the
 // 32 sums live in 4 registers (x[k] broadcast), with no horizontal reduction. Rows past N are zero.
-// Sums are fp32, in k order per lane pair (two interleaved partial sums), like a BLAS dot product.
+// Each output is two fp32 partial sums (even and odd k, each in k order) added at the end.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

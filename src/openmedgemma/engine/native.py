@@ -109,8 +109,10 @@ def _build() -> Path:
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise NativeBuildError(f"cannot create the kernel cache {target.parent}: {err.strerror}") from None
+        if not os.access(target.parent, os.W_OK):
+            raise PermissionError
+    except OSError:  # e.g. a read-only home: build for this process only
+        target = Path(tempfile.mkdtemp(prefix="openmedgemma-kernels-")) / target.name
     print(f"openmedgemma: building the int8 CPU kernel (once, ~15 s) into {target.parent}", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build beside, then rename: atomic for
     os.close(fd)  # several processes building at once
