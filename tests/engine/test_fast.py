@@ -52,3 +52,23 @@ def test_compiled_decode_gives_the_eager_tokens(ours_text, rows):
 def test_compile_needs_the_fast_decoder(ours_text, engine):
     with pytest.raises(OpenMedGemmaError, match="needs fast=True"):
         Engine(engine.model, engine.tokenizer, fast=False, compile=True)
+
+
+def test_compiled_decode_runs_the_int8_kernel(ours_text):
+    """An int8 model (on CPU, its linears call the native kernel, a custom op) compiles without graph breaks
+    in the decode step and gives the eager int8 tokens."""
+    from openmedgemma.engine import native, quantize
+
+    model = copy.deepcopy(ours_text)
+    quantize(model, "int8")
+    prompts = [torch.randint(3, 90, (17,), generator=torch.Generator().manual_seed(2)).tolist()]
+    config = GenerationConfig(max_new_tokens=12)
+    expected = generate_ids(model, prompts, None, config)
+    decoder = FastDecoder(model.language_model, compile=True)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert generate_ids(model, prompts, None, config, fast=decoder) == expected
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    if native.int8_gemv_available():
+        assert model.language_model.layers[0].mlp.up_proj.weight_int8.dim() == 3  # the kernel's blocks
