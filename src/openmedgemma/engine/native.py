@@ -95,14 +95,15 @@ def _build() -> Path:
     if not cxx:
         raise NativeBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
     torch_dir = Path(torch.__file__).parent
+    include, lib = torch_dir / "include", torch_dir / "lib"
     flags = ["-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC", "-w",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-             f"-L{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]  # fmt: skip
+             f"-I{include}", f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
+             f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch", "-ltorch_cpu", "-lc10"]  # fmt: skip
     if sys.platform == "darwin":
         flags += ["-undefined", "dynamic_lookup"]  # Apple clang has no OpenMP: at::parallel_for runs serially
     else:
-        flags.append("-fopenmp")  # at::parallel_for is OpenMP inlined here; libgomp.so.1 is torch's, already loaded
+        flags.append("-fopenmp")  # at::parallel_for inlines OpenMP; libgomp.so.1 resolves to torch's, loaded
     key = hashlib.sha256(SOURCE.read_bytes() + repr((torch.__version__, str(torch_dir), cxx, flags)).encode())
     target = cache_dir() / f"int8_gemv-{key.hexdigest()[:16]}.so"
     if target.exists():
