@@ -8,6 +8,7 @@ from openmedgemma.errors import (
     OpenMedGemmaError,
     TokenizerError,
 )
+from openmedgemma.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -23,14 +24,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    # Lazy so that `openmedgemma --help` and the imaging tools start without importing torch.
-    if name == "MedGemma":
-        from openmedgemma.model.medgemma import MedGemma
-
-        return MedGemma
-    if name == "MedSigLIP":
-        from openmedgemma.model.medsiglip import MedSigLIP
-
-        return MedSigLIP
-    raise AttributeError(f"module 'openmedgemma' has no attribute {name!r}")
+# Lazy so that `openmedgemma --help` and the imaging tools start without importing torch.
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"MedGemma": "openmedgemma.model.medgemma", "MedSigLIP": "openmedgemma.model.medsiglip"}
+)

@@ -26,6 +26,17 @@ def config(out: Path, mm_dir: Path, data: Path, **train_overrides) -> dict:
                       train={"steps": STEPS, "batch_size": 8, "checkpoint_every": 2, **train_overrides})  # fmt: skip
 
 
+def torchrun(tmp_path: Path, stage: str, cfg: dict, *args: str) -> list[dict]:
+    """`openmedgemma train <stage>` in 2 processes (torchrun, gloo); its metrics log, one dict per step."""
+    (tmp_path / "run.toml").write_text(to_toml(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "openmedgemma.train.cli", "train", stage, "--config", str(tmp_path / "run.toml"), *args]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, mm_dir, shared_data):
     """One process, the whole global batch of 8 in one micro-batch."""
@@ -39,13 +50,7 @@ def test_two_processes_equal_one(tmp_path, mm_dir, shared_data, single, strategy
     # each rank: 4 examples as 2 micro-batches of 2 (gradient accumulation too)
     cfg = config(tmp_path / "run", mm_dir, shared_data, micro_batch_size=2)
     cfg["distributed"] = {"strategy": strategy}
-    (tmp_path / "run.toml").write_text(to_toml(cfg))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "openmedgemma.train.cli", "train", "sft", "--config", str(tmp_path / "run.toml")]  # fmt: skip
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    log = torchrun(tmp_path, "sft", cfg)
     ref_log, ref_params, ref_dir = single
     for key in ("loss", "grad_norm"):  # the same objective and the same gradients, step by step
         assert [r[key] for r in log] == pytest.approx([r[key] for r in ref_log], rel=1e-5)
@@ -62,10 +67,7 @@ def test_two_processes_equal_one(tmp_path, mm_dir, shared_data, single, strategy
     moved = load_file(str(mm_dir / "model.safetensors"))
     assert any(not torch.equal(moved[k], params[k]) for k in moved)  # it did train
     if strategy == "fsdp":  # resume the sharded run from its step-2 checkpoint: step 3 comes out the same
-        resume = subprocess.run(cmd + ["--resume", str(tmp_path / "run" / "checkpoints" / "step_0000002")], cwd=tmp_path,
-                                env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert resume.returncode == 0, resume.stderr[-4000:]
-        again = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        again = torchrun(tmp_path, "sft", cfg, "--resume", str(tmp_path / "run" / "checkpoints" / "step_0000002"))
         assert [r["loss"] for r in again] == [r["loss"] for r in log]
         params_again = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
         assert all(torch.equal(params_again[k], params[k]) for k in params)
@@ -82,13 +84,7 @@ def test_siglip_two_processes_with_gathered_texts_equal_one(tmp_path, siglip_dir
     single = train(cfg(tmp_path / "single"))["history"]
     two = cfg(tmp_path / "run")
     two["distributed"] = {"strategy": "ddp"}
-    (tmp_path / "run.toml").write_text(to_toml(two))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "openmedgemma.train.cli", "train", "siglip", "--config", str(tmp_path / "run.toml")]  # fmt: skip
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    log = torchrun(tmp_path, "siglip", two)
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in log] == pytest.approx([r[key] for r in single], rel=1e-5)
     a = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))

@@ -10,6 +10,8 @@ Low level (RL training): `generate_ids(model, prompts, images, config, stop_ids)
 Names are resolved lazily so that importing the CLI module does not import torch.
 """
 
+from openmedgemma.lazy import lazy_exports
+
 _EXPORTS = {
     "Engine": "openmedgemma.engine.engine",
     "GenerationResult": "openmedgemma.engine.engine",
@@ -26,10 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'openmedgemma.engine' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

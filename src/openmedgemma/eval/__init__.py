@@ -9,7 +9,7 @@ see `openmedgemma.eval.protocols`. Names are imported lazily so that `openmedgem
 stays instant; nothing here imports torch.
 """
 
-from importlib import import_module
+from openmedgemma.lazy import lazy_exports
 
 _EXPORTS = {
     "ChatModel": "openmedgemma.eval.protocols",
@@ -27,7 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'openmedgemma.eval' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -12,7 +12,7 @@ Exports resolve lazily so that importing the package (and the CLI) stays fast an
 
 from __future__ import annotations
 
-import importlib
+from openmedgemma.lazy import lazy_exports
 
 _EXPORTS = {
     "MedicalImage": "image",
@@ -36,13 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'openmedgemma.imaging' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"openmedgemma.imaging.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,7 +10,7 @@ label masking), `losses`, `rewards`, `distill` (sparse teacher stores), `lora` (
 
 from __future__ import annotations
 
-import importlib
+from openmedgemma.lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "config",
@@ -46,13 +46,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'openmedgemma.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"openmedgemma.train.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
