@@ -1,4 +1,4 @@
-"""The bundled nano models: what `ask`, `chat`, `eval` (and the server) use when no `--model` is given.
+"""The bundled nano models: what `ask`, `chat` and `eval` use when no `--model` is given.
 
 `models/medgemma-nano` and `models/medsiglip-nano` in the source checkout (trained by
 `openmedgemma train nano`; see models/README.md), or the folder `$OPENMEDGEMMA_MODELS` names. They are tiny
@@ -24,8 +24,6 @@ def models_dir() -> Path:
 
 def nano_path(kind: str = "medgemma") -> Path:
     """The bundled nano model folder of `kind` ("medgemma" or "medsiglip"); a clear error when it is missing."""
-    if kind not in NANO:
-        raise ValueError(f"kind must be one of {sorted(NANO)}, got {kind!r}")
     folder = models_dir() / NANO[kind]
     if not (folder / "config.json").is_file():
         raise ConfigError(f"no --model given and the bundled nano model is not at {folder}; pass --model PATH (a "
@@ -33,7 +31,7 @@ def nano_path(kind: str = "medgemma") -> Path:
     return folder
 
 
-def model_or_nano(path: str | os.PathLike | None, kind: str = "medgemma", command: str = "openmedgemma") -> Path:
+def model_or_nano(path: str | os.PathLike | None, kind: str, command: str) -> Path:
     """`path` when given, else the bundled nano model of `kind`, announced once per process on stderr."""
     if path:
         return Path(path).expanduser()

@@ -241,11 +241,6 @@ def get_config(name: str) -> MedGemmaConfig | MedSigLIPConfig:
         raise ConfigError(f"unknown config {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
-def register_config(name: str, factory) -> None:
-    """Add a named config (e.g. a fine-tuned variant's shapes)."""
-    REGISTRY[name] = factory
-
-
 # ----------------------------------------------------------------------------- HF config.json
 
 MEDGEMMA_ARCHITECTURES = {"Gemma3ForConditionalGeneration", "Gemma3ForCausalLM"}

@@ -8,18 +8,17 @@ from pathlib import Path
 class MedGemmaChatModel:
     """Greedy by default, as the report evaluates; answers come back with any thinking block split off."""
 
-    def __init__(self, engine, name: str, temperature: float = 0.0):
-        self.engine, self.name, self.temperature = engine, name, temperature
+    def __init__(self, engine, name: str):
+        self.engine, self.name = engine, name
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, batch_size: int = 8, quantize=None):
+    def from_pretrained(cls, path):
         from openmedgemma.engine import Engine
 
-        engine = Engine.from_pretrained(path, dtype=dtype, device=device, quantize=quantize, max_batch_size=batch_size)
-        return cls(engine, Path(path).resolve().name)
+        return cls(Engine.from_pretrained(path), Path(path).resolve().name)
 
     def generate(self, batch, *, max_new_tokens: int, seed: int) -> list[str]:
         from openmedgemma.engine import GenerationConfig
 
-        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=self.temperature, seed=seed)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed)  # temperature 0: greedy
         return [result.text for result in self.engine.generate(batch, config)]

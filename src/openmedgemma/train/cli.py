@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", metavar="DIR", help="root for relative data paths (overrides data.data_dir)")
     p.set_defaults(func=teacher_store)
-    p = stages.add_parser("nano", help="train the nano reference models from scratch (the whole recipe, ~20 min on 2 CPUs)",
+    p = stages.add_parser("nano", help="train the nano reference models from scratch (the whole recipe, ~13 min on 2 CPUs)",
                           description="Run the MedGemma recipe in miniature on the shared data: tokenizers, nano "
                           "MedSigLIP (siglip), then nano MedGemma (pretrain, sft, rl). The stage configs are "
                           "configs/nano/*.toml. Writes OUT/medgemma-nano and OUT/medsiglip-nano.")
