@@ -43,16 +43,7 @@ def test_int8_kernels_equal_the_dequantized_weight(dtype, rows):
 
 def _logits(model, ids, head=None):
     with torch.no_grad():
-        if head is None:
-            return model(ids)
-        return head(model.language_model(model.embed(ids), torch.arange(ids.shape[1])[None], _masks(model, ids)))
-
-
-def _masks(model, ids):
-    from openmedgemma.model.masks import decoder_masks
-
-    pos = torch.arange(ids.shape[1])[None]
-    return decoder_masks(pos, pos, model.config.text.sliding_window)
+        return (head or model.logits)(model.hidden_states(ids))
 
 
 @pytest.mark.parametrize(("mode", "max_rel", "min_agree"), [("int8", 0.06, 0.9), ("int8-dynamic", 0.2, 0.65)])

@@ -87,13 +87,13 @@ class KVCache:
         self.valid[:, t0 : t0 + t] = q_valid
         old_block = torch.full((b, t0), -1, dtype=q_block.dtype, device=q_block.device)
         full = decoder_masks(q_pos, self.pos[:, : t0 + t], self.window, q_block, torch.cat([old_block, q_block], 1),
-                             self.valid[:, : t0 + t])["full_attention"]  # fmt: skip
+                             self.valid[:, : t0 + t], kinds=(FULL,))[FULL]  # fmt: skip
         # sliding layers: keys are [the n filled ring slots, the t new keys]
         n = min(t0, self.ring)
         k_pos = torch.cat([self.ring_pos[:, :n], q_pos], 1)
         k_valid = torch.cat([self.ring_valid[:, :n], q_valid], 1)
         sliding = decoder_masks(q_pos, k_pos, self.window, q_block, torch.cat([old_block[:, :n], q_block], 1),
-                                k_valid)["sliding_attention"]  # fmt: skip
+                                k_valid, kinds=(SLIDING,))[SLIDING]  # fmt: skip
         if padded:  # a padding query sees nothing; let it see itself so SDPA stays finite
             pad_q = ~q_valid[:, None, :, None]
             full = full | (_shifted_eye(t, t0 + t, t0, q_pos.device) & pad_q)

@@ -121,14 +121,10 @@ def run_chat(args) -> int:
 
 def _print_stream(engine, messages, config):
     """Print the streamed answer; return the GenerationResult."""
-    stream = engine.stream(messages, config)
-    while True:
-        try:
-            delta = next(stream)
-        except StopIteration as stop:
-            print(flush=True)
-            return stop.value
+    for delta in engine.stream(messages, config):
         print(delta, end="", flush=True)
+    print(flush=True)
+    return engine.last_result
 
 
 # ---------------------------------------------------------------------- pieces

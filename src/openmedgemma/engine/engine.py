@@ -18,6 +18,7 @@ from openmedgemma.engine.quant import quantize as quantize_model
 from openmedgemma.engine.quant import quantized_head
 from openmedgemma.engine.sampling import GenerationConfig
 from openmedgemma.errors import ImageError, OpenMedGemmaError
+from openmedgemma.tokenizer.chat import IMAGE_KEYS
 from openmedgemma.tokenizer.thinking import THOUGHT_END, THOUGHT_START, split_thinking
 
 STOP_TOKEN, STOP_STRING, MAX_NEW_TOKENS = "stop_token", "stop_string", "max_new_tokens"
@@ -42,7 +43,6 @@ class GenerationResult:
     vision_seconds: float = 0.0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    batch_size: int = 1
 
     @property
     def time_to_first_token(self) -> float:
@@ -168,7 +168,6 @@ class Engine:
             )
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
-        self.quantize = quantize
         self.head = None
         if quantize:
             quantize_model(model, quantize)
@@ -331,7 +330,7 @@ class Engine:
             results.append(GenerationResult(
                 text=answer.strip(), thought=thought, token_ids=list(row.ids), prompt_tokens=len(prompt.ids),
                 new_tokens=len(row.ids), stop_reason=reason, vision_seconds=vision_seconds,
-                prefill_seconds=stream.prefill_seconds, decode_seconds=stream.decode_seconds, batch_size=len(prompts),
+                prefill_seconds=stream.prefill_seconds, decode_seconds=stream.decode_seconds,
             ))  # fmt: skip
         self.last_result = results[-1]
         return results
@@ -394,7 +393,7 @@ def _images_of(messages: Sequence[Mapping]) -> list:
             continue
         for item in content:
             if isinstance(item, Mapping) and item.get("type") == "image":
-                image = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
+                image = next((item[k] for k in IMAGE_KEYS if item.get(k) is not None), None)
                 if image is None:
                     raise ImageError(f"chat message {index}: an image item carries no image (give it under 'image')")
                 images.append(image)

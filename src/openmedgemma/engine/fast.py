@@ -8,7 +8,7 @@ CPU), not the arithmetic. This computes the same function as `GemmaDecoder.forwa
   - a decode step (one token per row) keeps activations 2-D, and normalizes and rotates q and k
     together (one tensor of n_heads + n_kv heads, the two gains stacked).
 It calls the model's own linear modules (so int8 layers or adapters are used as they are), reads the
-norm weights again whenever they change (so training between calls is seen), and returns what the
+norm weights and packed buffers at each prefill (so training between generations is seen), and returns what the
 modules would: normed hidden states. The engine's parity tests prove it against transformers.
 
 On CPU, `pack_weights` also re-lays out the decoder's plain linear weights in place (same values, same
@@ -86,7 +86,7 @@ class FastDecoder:
         pack_weights(language_model)
         # compile: decode steps run `_static_step` through torch.compile (built on the first step; dynamic
         # shapes, so other batch sizes / cache capacities reuse it). While tracing, the helpers below
-        # skip their host-side caches (data_ptr / _version keys cannot be traced); the compiled graph
+        # skip their host-side caches (read in `refresh`, outside the graph); the compiled graph
         # recomputes the gains (fused into the norms) instead.
         self.compile = compile
         self._compiled = None
@@ -95,11 +95,11 @@ class FastDecoder:
         cfg = language_model.config
         self.kinds = cfg.layer_types
         self.eps = cfg.rms_norm_eps
-        self._gains: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self._gains: dict[int, torch.Tensor] = {}  # id(norm) -> 1 + w; id(attn) -> stacked q / k gains
         self._consts: dict[tuple, torch.Tensor] = {}
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._table_len = 0
-        self._fused_cache: dict[int, tuple[tuple, torch.Tensor | None]] = {}
+        self._packed: dict[int, torch.Tensor | None] = {}  # id(first linear of a group) -> its packed buffer
 
     # ------------------------------------------------------------------ pieces
 
@@ -110,29 +110,38 @@ class FastDecoder:
             t = self._consts[key] = torch.tensor(value, dtype=dtype, device=device)
         return t
 
+    def refresh(self) -> None:
+        """Read the norm gains and the packed linear buffers from the weights as they are now.
+
+        Run by each prefill (`__call__`): weights cannot change within a generation (inference mode), and
+        training between generations (RL rollouts) is seen by the next one. Decode steps then only look
+        the results up, instead of checking every weight's version on every token.
+        """
+        gains, packed = {}, {}
+        for layer in self.lm.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                         layer.post_feedforward_layernorm, attn.q_norm, attn.k_norm):  # fmt: skip
+                gains[id(norm)] = 1.0 + norm.weight.detach().float()
+            q, k = gains[id(attn.q_norm)], gains[id(attn.k_norm)]
+            gains[id(attn)] = torch.cat([q.expand(attn.n_heads, -1), k.expand(attn.n_kv, -1)])[:, None]
+            for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj)):
+                packed[id(group[0])] = _fused(group)
+        gains[id(self.lm.norm)] = 1.0 + self.lm.norm.weight.detach().float()
+        self._gains, self._packed = gains, packed
+
     def _gain(self, norm) -> torch.Tensor:
-        """(1 + w) in fp32, cached until the weight changes (in place or replaced)."""
-        w = norm.weight
+        """(1 + w) in fp32."""
         if self._tracing:
-            return 1.0 + w.float()
-        key = (w.data_ptr(), w._version)
-        entry = self._gains.get(id(norm))
-        if entry is None or entry[0] != key:
-            entry = self._gains[id(norm)] = (key, 1.0 + w.detach().float())
-        return entry[1]
+            return 1.0 + norm.weight.float()
+        return self._gains[id(norm)]
 
     def _qk_gain(self, attn) -> torch.Tensor:
         """The q_norm and k_norm gains stacked per head: [n_heads + n_kv, 1, head_dim]."""
         if self._tracing:
             q, k = self._gain(attn.q_norm), self._gain(attn.k_norm)
             return torch.cat([q.expand(attn.n_heads, -1), k.expand(attn.n_kv, -1)])[:, None]
-        key = tuple((n.weight.data_ptr(), n.weight._version) for n in (attn.q_norm, attn.k_norm))
-        entry = self._gains.get(id(attn))
-        if entry is None or entry[0] != key:
-            q, k = self._gain(attn.q_norm), self._gain(attn.k_norm)
-            stacked = torch.cat([q.expand(attn.n_heads, -1), k.expand(attn.n_kv, -1)])[:, None]
-            entry = self._gains[id(attn)] = (key, stacked)
-        return entry[1]
+        return self._gains[id(attn)]
 
     def _norm(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         """x * rsqrt(mean(x^2) + eps) * gain, in fp32, cast back to x's dtype."""
@@ -145,14 +154,10 @@ class FastDecoder:
 
     def _matmul(self, h: torch.Tensor, modules) -> torch.Tensor:
         """h through several linears, outputs concatenated: one matmul over their packed buffer if packed."""
-        if self._tracing:  # compiled: separate matmuls cost no dispatch there (and data_ptr cannot be traced)
-            return torch.cat([m(h) for m in modules], 1) if len(modules) > 1 else modules[0](h)
-        key = tuple((m.weight.data_ptr(), m.weight.stride()) if type(m) is nn.Linear else id(m) for m in modules)
-        entry = self._fused_cache.get(id(modules[0]))
-        if entry is None or entry[0] != key:
-            entry = self._fused_cache[id(modules[0])] = (key, _fused(modules))
-        if entry[1] is not None:
-            return torch.mm(h, entry[1])
+        # compiled: separate matmuls cost no dispatch there (and data_ptr cannot be traced)
+        packed = None if self._tracing else self._packed[id(modules[0])]
+        if packed is not None:
+            return torch.mm(h, packed)
         return torch.cat([m(h) for m in modules], 1) if len(modules) > 1 else modules[0](h)
 
     @staticmethod
@@ -161,9 +166,9 @@ class FastDecoder:
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (no image features) times sqrt(hidden) rounded to the weight dtype."""
-        table = self.lm.embed_tokens.weight
         if self._tracing:
-            return F.embedding(input_ids, table) * torch.tensor(self.lm.config.hidden_size**0.5, dtype=table.dtype)
+            return self.lm.embed(input_ids)
+        table = self.lm.embed_tokens.weight
         return F.embedding(input_ids, table) * self._const(self.lm.config.hidden_size**0.5, table.dtype, table.device)
 
     def prepare(self, max_position: int, dtype: torch.dtype, device) -> None:
@@ -188,6 +193,7 @@ class FastDecoder:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, masks: dict, kv_cache) -> torch.Tensor:
         """Any number of tokens: x [B, T, H] embeddings, positions [B, T]."""
+        self.refresh()
         self.prepare(int(positions.max()), x.dtype, x.device)
         tables = self._rope(positions)
         b, t, _ = x.shape

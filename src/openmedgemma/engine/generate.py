@@ -19,6 +19,7 @@ from openmedgemma.errors import OpenMedGemmaError
 from openmedgemma.model.masks import image_block_ids
 
 DEFAULT_PREFILL_CHUNK = 2048
+VISION_BATCH = 8  # images per vision-tower call: bounds its activations (an 896 px image is 4096 patches)
 
 
 def plan_chunks(is_image: torch.Tensor, chunk: int) -> list[tuple[int, int]]:
@@ -78,9 +79,8 @@ class TokenStream:
         lm = model.language_model
         self.decoder = fast if isinstance(fast, FastDecoder) else FastDecoder(lm) if fast else None
         self.done = [False] * len(prompts)
-        self.prompt_lengths = [len(p) for p in prompts]
         device = model.device
-        length = max(self.prompt_lengths)
+        length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
         valid = torch.zeros(len(prompts), length, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
@@ -88,12 +88,11 @@ class TokenStream:
             valid[row, length - len(prompt) :] = True
         self.ids, self.valid = ids.to(device), valid.to(device)
         self.positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)
-        self.max_padding = length - min(self.prompt_lengths)
+        self.max_padding = length - min(len(p) for p in prompts)
         self.features = list(features)
         self._check_images()
         self.cache: KVCache | None = None
         self.prefill_seconds = self.decode_seconds = 0.0
-        self.steps = 0
 
     def _check_images(self) -> None:
         cfg = self.model.config
@@ -138,7 +137,6 @@ class TokenStream:
         tokens = next_tokens(self.head(hidden[:, -1]), config, generator)
         token_list = tokens.tolist()
         self.prefill_seconds = time.perf_counter() - t_start
-        self.steps = 1
         t_decode = time.perf_counter()
         yield token_list
 
@@ -156,7 +154,6 @@ class TokenStream:
                 hidden = lm(lm.embed(tokens[:, None]), positions, masks, cache)[:, -1]
             tokens = next_tokens(self.head(hidden), config, generator)
             token_list = tokens.tolist()
-            self.steps += 1
             self.decode_seconds = time.perf_counter() - t_decode
             yield token_list
 
@@ -167,10 +164,11 @@ class TokenStream:
 
 
 @torch.inference_mode()
-def image_features(model, pixel_values: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """The vision tower + projector over [N, 3, H, W] in batches: [N, tokens_per_image, hidden]."""
     pixel_values = pixel_values.to(model.device)
-    parts = [model.image_features(pixel_values[i : i + batch_size]) for i in range(0, len(pixel_values), batch_size)]
+    step = VISION_BATCH
+    parts = [model.image_features(pixel_values[i : i + step]) for i in range(0, len(pixel_values), step)]
     return torch.cat(parts)
 
 
@@ -193,7 +191,9 @@ def generate_ids(
     """
     config = config or GenerationConfig()
     images = list(images) if images is not None else [None] * len(prompts)
-    features = [None if px is None or len(px) == 0 else image_features(model, px) for px in images]
+    # the vision tower once per distinct tensor: RL rollouts pass each prompt's images once per completion
+    encoded = {id(px): image_features(model, px) for px in images if px is not None and len(px)}
+    features = [None if px is None or len(px) == 0 else encoded[id(px)] for px in images]
     stream = TokenStream(model, prompts, features, config, prefill_chunk=prefill_chunk, fast=fast)
     stops = set(stop_ids)
     out: list[list[int]] = [[] for _ in prompts]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from openmedgemma.config import FULL, SLIDING
+
 
 def image_block_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """Per position: the index of the image whose soft tokens it belongs to, else -1.
@@ -28,8 +30,9 @@ def decoder_masks(
     q_block: torch.Tensor | None = None,
     k_block: torch.Tensor | None = None,
     k_valid: torch.Tensor | None = None,
+    kinds: tuple[str, ...] = (FULL, SLIDING),
 ) -> dict[str, torch.Tensor]:
-    """Masks [B, 1, Tq, Tk] for full and sliding layers.
+    """Masks [B, 1, Tq, Tk] for full and sliding layers (only those in `kinds`).
 
     q_pos [B, Tq] and k_pos [B, Tk] are absolute positions; q_block/k_block are image block ids
     (-1 for text); k_valid [B, Tk] marks real (non-padding, filled) keys.
@@ -39,9 +42,11 @@ def decoder_masks(
     if q_block is not None and k_block is not None:
         same_image = (q_block[:, :, None] >= 0) & (q_block[:, :, None] == k_block[:, None, :])
         causal = causal | same_image
-    full = causal
-    sliding = causal & (diff < sliding_window)
     if k_valid is not None:
-        full = full & k_valid[:, None, :]
-        sliding = sliding & k_valid[:, None, :]
-    return {"full_attention": full[:, None], "sliding_attention": sliding[:, None]}
+        causal = causal & k_valid[:, None, :]
+    masks = {}
+    if FULL in kinds:
+        masks[FULL] = causal[:, None]
+    if SLIDING in kinds:
+        masks[SLIDING] = (causal & (diff < sliding_window))[:, None]
+    return masks

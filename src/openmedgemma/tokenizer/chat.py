@@ -38,9 +38,9 @@ END_OF_IMAGE = "<end_of_image>"
 IMAGE_TOKEN = "<image_soft_token>"
 IMAGE_SEQ_LENGTH = 256  # soft tokens per image in MedGemma (64x64 patches average-pooled 4x4)
 
-# Keys an image item may carry the image under (what transformers' processors read); the tokenizer
-# itself never reads the image.
-IMAGE_KEYS = ("image", "url", "path")
+# Keys an image item may carry the image under (what transformers' processors read), in the order the
+# engine looks for it; the tokenizer itself never reads the image.
+IMAGE_KEYS = ("image", "path", "url")
 
 # The official Gemma 3 chat template (google/gemma-3-4b-it and google/medgemma-4b-it tokenizer_config.json).
 # Written into the tokenizer_config.json that `build_tokenizer` makes, so transformers renders with it.
