@@ -159,22 +159,13 @@ def _peak_child(impl: str, folder: str, args) -> None:
         vocab = model.config.vocab_size
     else:
         model = MedGemma.from_pretrained(folder, dtype=dtype)
-        head = None
-        if impl not in ("ours", "ours-compiled"):
-            from openmedgemma.engine.quant import quantized_head
-
-            quantize(model, impl.removeprefix("ours-"))
-            head = quantized_head(model, impl.removeprefix("ours-"))
+        # ours-compiled: one compiled decoder for both calls below (compiling is not the generation's memory)
+        head, fast = ours_setup(model, impl)
         vocab = model.config.text.vocab_size
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             t.float().sum()  # read every weight, so that it is resident before the baseline
     prompts = torch.randint(3, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
-    decoder = None
-    if impl == "ours-compiled":  # one compiled decoder for both calls; compiling is not the generation's memory
-        from openmedgemma.engine.fast import FastDecoder
-
-        decoder = FastDecoder(model.language_model, compile=True)
 
     def generate(ids, n):
         if impl == "transformers":
@@ -185,10 +176,10 @@ def _peak_child(impl: str, folder: str, args) -> None:
             from openmedgemma.engine.generate import TokenStream
 
             for _ in TokenStream(model, ids.tolist(), [None] * len(ids), GenerationConfig(max_new_tokens=n), head=head,
-                                 fast=decoder or True):  # fmt: skip
+                                 fast=fast):  # fmt: skip
                 pass
 
-    if decoder is not None:
+    if impl == "ours-compiled":
         generate(prompts, 3)  # the full-size shapes, so the measured run does not recompile
     generate(prompts[:, :8], 2)  # one-time initialisation (kernels, lazy imports) is not the generation's memory
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -210,39 +201,28 @@ def bench_config(name: str, args, folder: Path) -> dict:
     gen = torch.Generator().manual_seed(0)
     static = {"cache_implementation": "static"} if device.startswith("cuda") else {}
 
-    variants = {"ours": ours}
-    if args.int8 and not device.startswith("cuda"):
-        for mode in ("int8", "int8-dynamic"):
+    variants = {"ours": (ours, *ours_setup(ours, "ours"))}  # label -> (model, head, fast)
+    if args.int8:  # the dynamic-activation mode is CPU only
+        for mode in ("int8",) if device.startswith("cuda") else ("int8", "int8-dynamic"):
             q = MedGemma.from_pretrained(folder, dtype=dtype, device=device)
-            quantize(q, mode)
-            variants[f"ours-{mode}"] = q
-    elif args.int8:
-        q = MedGemma.from_pretrained(folder, dtype=dtype, device=device)
-        quantize(q, "int8")
-        variants["ours-int8"] = q
+            variants[f"ours-{mode}"] = (q, *ours_setup(q, f"ours-{mode}"))
 
     for batch in batch_sizes:
         prompts = torch.randint(3, cfg.vocab_size, (batch, args.prompt), generator=gen)
         prompt_lists = prompts.tolist()
         ids_dev = prompts.to(device)
 
-        def hf_run(n, ids=ids_dev):
+        def hf_run(n, ids=ids_dev, **kwargs):
             with torch.inference_mode():
                 return hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=n, pad_token_id=0, **static)  # fmt: skip
+                                   max_new_tokens=n, pad_token_id=0, **static, **kwargs)  # fmt: skip
 
-        runners = {}
-        for label, model in variants.items():
-            head = None
-            if label != "ours" and not device.startswith("cuda"):
-                from openmedgemma.engine.quant import quantized_head
-
-                head = quantized_head(model, label.removeprefix("ours-"))
-            runners[label] = _ours_runner(model, prompt_lists, head)
+        runners = {label: _ours_runner(model, prompt_lists, head, fast)
+                   for label, (model, head, fast) in variants.items()}  # fmt: skip
         if args.compile:
             # compiled outside the timing (the first decode step builds the graph; the next capacities reuse
-            # it with dynamic shapes): compile seconds reported apart
-            runners["ours-compiled"] = _ours_runner(ours, prompt_lists, None, compile=True)
+            # it with dynamic shapes): compile seconds reported apart; a fresh decoder per batch size
+            runners["ours-compiled"] = _ours_runner(ours, prompt_lists, *ours_setup(ours, "ours-compiled"))
             decoder = runners["ours-compiled"].decoder
             t = time.perf_counter()
             for n in (2, 3, args.new):
@@ -253,17 +233,14 @@ def bench_config(name: str, args, folder: Path) -> dict:
         runners["transformers"] = hf_run
         results = measure(runners, args.prompt, args.new, batch, args.repeats, device)
 
-        # correctness: the greedy tokens of batch row 0
+        # one more N-token transformers run: its KV-cache size, and (batch 1) its greedy tokens to compare with ours
+        out = hf_run(args.new, return_dict_in_generate=True)
+        kv_hf = cache_bytes(out.past_key_values)
         same = None
         if batch == 1:
-            theirs = hf_run(args.new)[0, args.prompt :].tolist()
+            theirs = out.sequences[0, args.prompt :].tolist()
             mine = generate_ids(ours, prompt_lists[:1], None, GenerationConfig(max_new_tokens=args.new))[0]
             same = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
-        with torch.inference_mode():
-            out = hf.generate(input_ids=ids_dev, attention_mask=torch.ones_like(ids_dev), do_sample=False,
-                              max_new_tokens=args.new, pad_token_id=0, return_dict_in_generate=True,
-                              **static)  # fmt: skip
-        kv_hf = cache_bytes(out.past_key_values)
         kv_ours = KVCache.nbytes_for(cfg, batch, args.prompt + args.new, dtype)
         for label in results:
             results[label]["kv_bytes"] = kv_hf if label == "transformers" else kv_ours
@@ -280,19 +257,31 @@ def bench_config(name: str, args, folder: Path) -> dict:
     return report
 
 
-def _ours_runner(model, prompts, head, compile: bool = False):
+def ours_setup(model, impl: str):
+    """TokenStream's (head, fast) for one of our variants: "ours-<mode>" quantizes `model` in place and takes
+    its int8 head (None off CPU); "ours-compiled" gets a new compiled FastDecoder."""
     from openmedgemma.engine.fast import FastDecoder
-    from openmedgemma.engine.generate import TokenStream
+    from openmedgemma.engine.quant import quantized_head
 
-    decoder = FastDecoder(model.language_model, compile=True) if compile else True
+    if impl == "ours-compiled":
+        return None, FastDecoder(model.language_model, compile=True)
+    if impl == "ours":
+        return None, True
+    mode = impl.removeprefix("ours-")
+    quantize(model, mode)
+    return quantized_head(model, mode), True
+
+
+def _ours_runner(model, prompts, head, fast):
+    from openmedgemma.engine.generate import TokenStream
 
     def run(n):
         stream = TokenStream(model, prompts, [None] * len(prompts), GenerationConfig(max_new_tokens=n), head=head,
-                             fast=decoder)  # fmt: skip
+                             fast=fast)  # fmt: skip
         for _ in stream:
             pass
 
-    run.decoder = decoder
+    run.decoder = fast
     return run
 
 

@@ -21,12 +21,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from generate import text_config  # noqa: E402  (benchmarks/generate.py, next to this file)
+
 from openmedgemma.engine import native  # noqa: E402
 
-SHAPES = {  # name: (N, K)
-    "130m q|k|v": (1536, 768), "130m gate|up": (6144, 768), "130m down": (768, 3072), "130m head": (32000, 768),
-    "4b q|k|v": (4096, 2560), "4b gate|up": (20480, 2560), "4b down": (2560, 10240),
-}  # fmt: skip
+
+def decode_shapes(name: str, head: bool) -> dict[str, tuple[int, int]]:
+    """name: (N, K) of one decoder layer's fused matmuls (as engine/fast.py packs them), with `head` the output head."""
+    cfg = text_config(name)
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    shapes = {f"{name} q|k|v": (qkv, cfg.hidden_size), f"{name} gate|up": (2 * cfg.intermediate_size, cfg.hidden_size),
+              f"{name} down": (cfg.hidden_size, cfg.intermediate_size)}  # fmt: skip
+    if head:
+        shapes[f"{name} head"] = (cfg.vocab_size, cfg.hidden_size)
+    return shapes
+
+
+# no 4b head (262208 x 2560): its six fp32 copies in both layouts would take 32 GB
+SHAPES = {**decode_shapes("130m", head=True), **decode_shapes("4b", head=False)}
 
 
 def timed(fn, repeats: int) -> float:

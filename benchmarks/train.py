@@ -154,9 +154,8 @@ def gpu(args) -> None:
     from openmedgemma.train.modeling import LMModule, init_weights
 
     device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    name = torch.cuda.get_device_name(device)
+    sync = torch.cuda.synchronize
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     cfg = get_config(args.shape)
     torch.manual_seed(0)
@@ -210,8 +209,7 @@ def gpu(args) -> None:
     print(f"one LoRA step, batch {b} x {t} tokens (one {vc.image_size} px image each), bf16: {1000 * dt:.0f} ms, "
           f"{b * t / dt:.0f} tokens/s, {achieved:.0f} TFLOP/s"
           + (f", MFU {100 * achieved / peak:.1f}% of {peak:.0f}" if peak else " (pass --peak-tflops for MFU)"))
-    memory = f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; " if cuda else ""
-    print(f"{memory}gradient checkpointing {args.checkpointing}")
+    print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; gradient checkpointing {args.checkpointing}")
     del peft_model
 
 
@@ -220,7 +218,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 2 with --device cuda")
     ap.add_argument("--batches", type=int, default=8, help="distinct batches cycled through (CPU)")
     ap.add_argument("--vocab", type=int, default=32_000, help="vocabulary of the CPU model")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: on a shared machine more threads mostly wait)")
@@ -229,9 +227,9 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--peak-tflops", type=float, default=0.0)
     args = ap.parse_args()
+    if args.batch_size is None:
+        args.batch_size = 2 if args.device == "cuda" else 4
     if args.device == "cuda":
-        if args.batch_size == 4 and "--batch-size" not in sys.argv:
-            args.batch_size = 2
         return gpu(args)
     return cpu(args)
 

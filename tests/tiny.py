@@ -35,14 +35,16 @@ def vision_hf_config(**overrides) -> dict:
     return cfg
 
 
-def gemma_mm_hf_config() -> dict:
-    text = gemma_text_hf_config()
+def gemma_mm_hf_config(text_overrides: dict | None = None, **overrides) -> dict:
+    text = gemma_text_hf_config(**(text_overrides or {}))
     text.pop("architectures")
-    return dict(
+    cfg = dict(
         model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"], text_config=text,
         vision_config=vision_hf_config(), mm_tokens_per_image=TOKENS_PER_IMAGE, boi_token_index=BOI,
         eoi_token_index=EOI, image_token_index=IMAGE,
     )  # fmt: skip
+    cfg.update(overrides)
+    return cfg
 
 
 def siglip_hf_config() -> dict:
@@ -54,21 +56,22 @@ def siglip_hf_config() -> dict:
     )  # fmt: skip
 
 
-def hf_model(config: dict):
+def hf_model(config: dict, seed: int = 0, embed_std: float = 0.15):
     """A transformers model of this config with every weight random (norms and projector too)."""
     import transformers
 
     cls = {"gemma3_text": "Gemma3ForCausalLM", "gemma3": "Gemma3ForConditionalGeneration", "siglip": "SiglipModel"}
     model = getattr(transformers, cls[config["model_type"]])(transformers.AutoConfig.for_model(**config))
-    randomize(model)
+    randomize(model, seed, embed_std)
     return model.eval()
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+def randomize(model: torch.nn.Module, seed: int = 0, embed_std: float = 0.15) -> None:
+    """Every weight random with std 0.15, the token embeddings with `embed_std`."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (embed_std if "embed_tokens" in name else 0.15))
 
 
 def image_prompt(images: int, text: list[int] | None = None, seed: int = 0) -> torch.Tensor:
@@ -88,22 +91,14 @@ def pixels(n: int, size: int = IMAGE_SIZE, seed: int = 1) -> torch.Tensor:
 # --- generation (tests/engine) ------------------------------------------------------------------
 
 
-def randomize_for_generation(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights whose greedy continuations vary (std 0.15) with small token embeddings (std 0.02).
-
-    With the tied head and embeddings as large as the other weights, a random Gemma repeats its input
-    token forever, which would make generation comparisons weak.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "embed_tokens" in name else 0.15))
+# Small token embeddings so that greedy continuations vary: with the tied head and embeddings as large as
+# the other weights, a random Gemma repeats its input token forever, which would make comparisons weak.
+GENERATION_EMBED_STD = 0.02
 
 
 def hf_generation_model(config: dict, seed: int = 0):
-    """`hf_model` with `randomize_for_generation` weights and stopping disabled (no eos)."""
-    model = hf_model(config)
-    randomize_for_generation(model, seed)
+    """`hf_model` with GENERATION_EMBED_STD token embeddings and stopping disabled (no eos)."""
+    model = hf_model(config, seed, embed_std=GENERATION_EMBED_STD)
     model.generation_config.eos_token_id = None
     return model
 
@@ -117,7 +112,7 @@ CHAT_CORPUS = [
 CHAT_VOCAB = 400  # compact tokenizer: pad 0, eos 1, bos 2, <end_of_turn> 6, boi 7, eoi 8, image 9
 
 
-def chat_checkpoint(folder, multimodal: bool = True, seed: int = 0):
+def chat_checkpoint(folder, multimodal: bool = True):
     """A tiny checkpoint folder with a matching compact tokenizer (config.json, safetensors, tokenizer.json)."""
     from openmedgemma.config import from_hf_config
     from openmedgemma.model.medgemma import MedGemma
@@ -125,14 +120,13 @@ def chat_checkpoint(folder, multimodal: bool = True, seed: int = 0):
 
     build_tokenizer(folder, "compact", CHAT_CORPUS, vocab_size=CHAT_VOCAB)
     tok = Tokenizer.from_pretrained(folder)
-    text = gemma_text_hf_config(vocab_size=CHAT_VOCAB, eos_token_id=[tok.eos_id, tok.end_of_turn_id])
+    text = dict(vocab_size=CHAT_VOCAB, eos_token_id=[tok.eos_id, tok.end_of_turn_id])
     if multimodal:
-        text.pop("architectures")
-        config = dict(gemma_mm_hf_config(), text_config=text, boi_token_index=tok.boi_id, eoi_token_index=tok.eoi_id,
-                      image_token_index=tok.image_token_id)  # fmt: skip
+        config = gemma_mm_hf_config(text, boi_token_index=tok.boi_id, eoi_token_index=tok.eoi_id,
+                                    image_token_index=tok.image_token_id)  # fmt: skip
     else:
-        config = text
+        config = gemma_text_hf_config(**text)
     model = MedGemma(from_hf_config(config))
-    randomize_for_generation(model, seed)
+    randomize(model, embed_std=GENERATION_EMBED_STD)
     model.save_pretrained(folder)
     return folder

@@ -1,7 +1,7 @@
 """`openmedgemma ask` and `openmedgemma chat` end to end on a tiny checkpoint folder with a tokenizer.
 
-The commands are registered the way the top-level CLI registers them (its `main` prints user errors as
-one line with exit status 2); chat is driven through piped stdin and through a pseudo-terminal.
+The commands run through the top-level CLI's `main` (which prints user errors as one line with exit
+status 2), so a lost registration fails here; chat is driven through piped stdin and through a pseudo-terminal.
 """
 
 from __future__ import annotations
@@ -17,18 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openmedgemma import cli
+from openmedgemma.cli import main
 from openmedgemma.engine import GenerationConfig
-
-MODULE = "openmedgemma.engine.cli"
-
-
-@pytest.fixture()
-def main(monkeypatch):
-    if MODULE not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, MODULE])
-    return cli.main
-
 
 @pytest.fixture(scope="module")
 def png(tmp_path_factory):
@@ -43,7 +33,7 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_ask_prints_the_answer(main, chat_dir, engine, png, capsys):
+def test_ask_prints_the_answer(chat_dir, engine, png, capsys):
     assert main(["ask", "--model", str(chat_dir), "--max-new-tokens", "12", "What is this?"]) == 0
     out = capsys.readouterr().out
     assert out == engine.chat("What is this?", max_new_tokens=12) + "\n"
@@ -55,7 +45,7 @@ def test_ask_prints_the_answer(main, chat_dir, engine, png, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
-def test_ask_json(main, chat_dir, png, capsys):
+def test_ask_json(chat_dir, png, capsys):
     argv = ["ask", "--model", str(chat_dir), "--image", str(png), "--max-new-tokens", "7", "--json",
             "--system", "Be brief.", "Q?"]  # fmt: skip
     assert main(argv) == 0
@@ -72,14 +62,14 @@ def test_ask_json(main, chat_dir, png, capsys):
         (["--model", "no/such/folder"], "no/such/folder: no such file or folder"),
     ],
 )
-def test_user_errors_are_one_line_with_status_2(main, chat_dir, extra, message, capsys):
+def test_user_errors_are_one_line_with_status_2(chat_dir, extra, message, capsys):
     argv = ["ask", "--model", str(chat_dir), *extra, "Q?"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and err.startswith("openmedgemma ask: error:")
 
 
-def test_model_folder_without_config_or_unreadable(main, tmp_path, capsys):
+def test_model_folder_without_config_or_unreadable(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["ask", "--model", str(tmp_path / "empty"), "Q?"]) == 2
     assert "no config.json" in capsys.readouterr().err
@@ -91,7 +81,7 @@ def test_model_folder_without_config_or_unreadable(main, tmp_path, capsys):
     assert err.count("\n") == 1 and "config.json" in err
 
 
-def test_chat_from_piped_stdin_keeps_history(main, chat_dir, engine, png, monkeypatch, capsys):
+def test_chat_from_piped_stdin_keeps_history(chat_dir, engine, png, monkeypatch, capsys):
     lines = [f"/image {png}", "What is this?", "And now?", "/image missing.png", "/reset", "Hello", "/quit",
              "never read"]  # fmt: skip
     monkeypatch.setattr(sys, "stdin", _Lines(lines))
@@ -111,8 +101,7 @@ def test_chat_from_piped_stdin_keeps_history(main, chat_dir, engine, png, monkey
 def test_chat_in_a_terminal(chat_dir, tmp_path):
     """An interactive session on a pseudo-terminal: prompt, answer, /quit."""
     pty = pytest.importorskip("pty")
-    code = (f"import sys; from openmedgemma import cli; m = {MODULE!r}; "
-            "cli.COMMAND_MODULES += [m] if m not in cli.COMMAND_MODULES else []; sys.exit(cli.main(sys.argv[1:]))")
+    code = "import sys; from openmedgemma import cli; sys.exit(cli.main(sys.argv[1:]))"
     leader, follower = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", code, "chat", "--model", str(chat_dir), "--max-new-tokens", "4"],
                             stdin=follower, stdout=follower, stderr=follower, close_fds=True)  # fmt: skip
@@ -160,7 +149,7 @@ def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
     return data
 
 
-def test_ask_about_a_dicom_file(main, chat_dir, shared_data, capsys):
+def test_ask_about_a_dicom_file(chat_dir, shared_data, capsys):
     dicom = next((shared_data / "dicom").rglob("*.dcm"))
     assert main(["ask", "--model", str(chat_dir), "--image", str(dicom), "--max-new-tokens", "4", "--json", "Q?"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt_tokens"] > 16  # the image's soft tokens are in the prompt

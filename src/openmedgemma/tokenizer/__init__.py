@@ -8,7 +8,7 @@
     thought, answer = tok.decode_thinking(generated_ids)
 """
 
-from openmedgemma.tokenizer.build import build_tokenizer, compact_layout, official_layout
+from openmedgemma.tokenizer.build import build_siglip_tokenizer, build_tokenizer, compact_layout, official_layout
 from openmedgemma.tokenizer.chat import (
     CHAT_TEMPLATE,
     IMAGE_SEQ_LENGTH,
@@ -18,7 +18,7 @@ from openmedgemma.tokenizer.chat import (
     render_chat,
 )
 from openmedgemma.tokenizer.core import SPECIAL_TOKENS, IncrementalDecoder, Tokenizer
-from openmedgemma.tokenizer.siglip import SiglipTextTokenizer, build_siglip_tokenizer
+from openmedgemma.tokenizer.siglip import SiglipTextTokenizer
 from openmedgemma.tokenizer.thinking import THOUGHT_END, THOUGHT_START, split_thinking
 
 __all__ = [

@@ -19,10 +19,14 @@ Layouts:
 Next to `tokenizer.json` it writes `tokenizer_config.json` (the official chat template, the image tokens,
 `"processor_class": "Gemma3Processor"`) and `special_tokens_map.json`, so transformers' `AutoTokenizer`
 and `Gemma3Processor` load the folder too.
+
+`build_siglip_tokenizer` makes MedSigLIP's text tokenizer folder (a trained `spiece.model`, which
+`siglip.SiglipTextTokenizer` reads).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -33,7 +37,9 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
+from openmedgemma.errors import TokenizerError
 from openmedgemma.tokenizer.chat import CHAT_TEMPLATE, END_OF_IMAGE, IMAGE_TOKEN, START_OF_IMAGE
+from openmedgemma.tokenizer.siglip import DEFAULT_MAX_LENGTH, canonicalize
 
 OFFICIAL_TEXT_VOCAB = 262144  # ids 0..262143; <image_soft_token> is added after them
 OFFICIAL_BPE_PIECES = 4096  # at most this many trained pieces in the official layout
@@ -122,6 +128,39 @@ def build_tokenizer(
     backend.save(str(out / "tokenizer.json"), pretty=False)
     _write_json(out / "tokenizer_config.json", _tokenizer_config(fixed))
     _write_json(out / "special_tokens_map.json", _special_tokens_map())
+    return out
+
+
+def build_siglip_tokenizer(out_dir, texts, vocab_size: int, max_length: int = DEFAULT_MAX_LENGTH) -> Path:
+    """Train a SigLIP-layout `spiece.model` (unigram; pad 0 `<pad>`, eos 1 `</s>`, unk 2 `<unk>`, no bos) of
+    exactly `vocab_size` pieces on the canonicalised `texts`, and write it to `out_dir` with the
+    tokenizer_config.json transformers' `SiglipTokenizer` writes (pad with `</s>`, as SigLIP does).
+    Deterministic: the same texts give the same file."""
+    import sentencepiece
+
+    sentences = sorted({canonicalize(t) for t in texts} - {""})
+    if not sentences:
+        raise TokenizerError("build_siglip_tokenizer: no texts to train on")
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, model_type="unigram", vocab_size=vocab_size,
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+            character_coverage=1.0, num_threads=1, minloglevel=2,
+        )  # fmt: skip
+    except RuntimeError as err:  # e.g. too little text for vocab_size pieces
+        raise TokenizerError(f"build_siglip_tokenizer: sentencepiece could not train {vocab_size} pieces ({err})") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spiece.model").write_bytes(model.getvalue())
+    special = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    config = {
+        "added_tokens_decoder": {"1": {"content": "</s>", **special}, "2": {"content": "<unk>", **special}},
+        "do_lower_case": True, "eos_token": "</s>", "model_max_length": max_length, "pad_token": "</s>",
+        "tokenizer_class": "SiglipTokenizer", "unk_token": "<unk>",
+    }  # fmt: skip
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", {"eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"})
     return out
 
 

@@ -174,42 +174,6 @@ def canonicalize(text: str, lower: bool = True) -> str:
     return re.sub(r"\s+", " ", text.translate(_PUNCTUATION)).strip()
 
 
-def build_siglip_tokenizer(out_dir, texts, vocab_size: int, max_length: int = DEFAULT_MAX_LENGTH) -> Path:
-    """Train a SigLIP-layout `spiece.model` (unigram; pad 0 `<pad>`, eos 1 `</s>`, unk 2 `<unk>`, no bos) of
-    exactly `vocab_size` pieces on the canonicalised `texts`, and write it to `out_dir` with the
-    tokenizer_config.json transformers' `SiglipTokenizer` writes (pad with `</s>`, as SigLIP does).
-    Deterministic: the same texts give the same file."""
-    import io
-
-    import sentencepiece
-
-    sentences = sorted({canonicalize(t) for t in texts} - {""})
-    if not sentences:
-        raise TokenizerError("build_siglip_tokenizer: no texts to train on")
-    model = io.BytesIO()
-    try:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, model_type="unigram", vocab_size=vocab_size,
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-            character_coverage=1.0, num_threads=1, minloglevel=2,
-        )  # fmt: skip
-    except RuntimeError as err:  # e.g. too little text for vocab_size pieces
-        raise TokenizerError(f"build_siglip_tokenizer: sentencepiece could not train {vocab_size} pieces ({err})") from None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spiece.model").write_bytes(model.getvalue())
-    special = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-    config = {
-        "added_tokens_decoder": {"1": {"content": "</s>", **special}, "2": {"content": "<unk>", **special}},
-        "do_lower_case": True, "eos_token": "</s>", "model_max_length": max_length, "pad_token": "</s>",
-        "tokenizer_class": "SiglipTokenizer", "unk_token": "<unk>",
-    }  # fmt: skip
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tokens = {"eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
-    (out / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n", encoding="utf-8")
-    return out
-
-
 def _read_json(file: Path) -> dict:
     if not file.is_file():
         return {}
