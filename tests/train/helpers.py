@@ -17,9 +17,10 @@ TOKENIZER_VOCAB = 640
 
 def corpus(data: Path) -> list[str]:
     """Text the tiny tokenizer is trained on: VQA-RAD questions and answers, prompts, MCQ and PubMedQA text."""
+    from openmedgemma.eval.prompts import PUBMEDQA_CONTEXT
     from openmedgemma.train import data as D
 
-    texts = [D.VQA_PROMPT.format(question=""), D.MCQ_PROMPT, D.PUBMEDQA_CONTEXT, D.PNEUMONIA_PROMPT, *D.PNEUMONIA_CAPTIONS[0], *D.PNEUMONIA_CAPTIONS[1],
+    texts = [D.VQA_PROMPT.format(question=""), D.MCQ_PROMPT, PUBMEDQA_CONTEXT, D.PNEUMONIA_PROMPT, *D.PNEUMONIA_CAPTIONS[0], *D.PNEUMONIA_CAPTIONS[1],
              "Final Answer: (A) (B) (C) (D) yes no maybe"]  # fmt: skip
     records = json.loads((data / "vqa_rad" / D.VQA_RAD_JSON).read_text())
     texts += [f"{r['question']} {r['answer']}" for r in records]

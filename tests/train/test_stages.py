@@ -105,7 +105,7 @@ def test_gradient_checkpointing_changes_nothing_and_bf16_autocast_trains(tmp_pat
     assert calls == [2] and checkpointed["history"][1]["hook_step"] == 2
     bf16 = {**base, "output_dir": str(tmp_path / "c"), "train": {**base["train"], "precision": "bf16-autocast"}}
     values = losses(train(bf16))
-    assert all(v == v for v in values)  # finite
+    assert all(math.isfinite(v) for v in values)
     assert values == pytest.approx(losses(plain), rel=0.05)  # bf16 rounding, same trajectory
 
 
@@ -114,9 +114,8 @@ def test_engine_rollout_samples_what_the_simple_sampler_samples(mm_dir, tok, sha
     from openmedgemma.train.collate import LMCollator
     from openmedgemma.train.data import pneumonia_mnist
     from openmedgemma.train.modeling import LMModule
-    from openmedgemma.train.rollout import engine_available, engine_rollout, sample_completions
+    from openmedgemma.train.rollout import engine_rollout, sample_completions
 
-    assert engine_available()
     model = MedGemma.from_pretrained(mm_dir).eval()
     collate = LMCollator(tok, image_seq_length=16, image_size=56)
     examples = pneumonia_mnist(shared_data / "medmnist", "val")[:3]

@@ -180,7 +180,7 @@ def generate_ids(
     stop_ids: Sequence[int] = (),
     *,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    fast: bool = True,
+    fast: bool | FastDecoder = True,
 ) -> list[list[int]]:
     """New token ids per prompt, generated together in one batch.
 

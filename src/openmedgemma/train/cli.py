@@ -2,7 +2,7 @@
 
 Top-level imports stay light (no torch): the config is validated before anything heavy is imported.
 Multi-process: `torchrun --standalone --nproc_per_node N -m openmedgemma.train.cli train sft --config FILE.toml`
-(or `-m openmedgemma.cli train ...` once this module is in openmedgemma.cli.COMMAND_MODULES).
+(or, the same, `-m openmedgemma.cli train ...`).
 """
 
 from __future__ import annotations
@@ -89,8 +89,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def teacher_store(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from openmedgemma.errors import ConfigError
     from openmedgemma.train.config import load_config
 
@@ -103,16 +101,12 @@ def teacher_store(args: argparse.Namespace) -> int:
     from openmedgemma.model.medgemma import MedGemma
     from openmedgemma.tokenizer import Tokenizer
     from openmedgemma.train.collate import LMCollator
-    from openmedgemma.train.data import load_source
+    from openmedgemma.train.data import load_source, source_args
     from openmedgemma.train.distill import write_teacher_store
 
     tok = Tokenizer.from_pretrained(args.teacher)
     teacher = MedGemma.from_pretrained(args.teacher, dtype=cfg.model.dtype, device=args.device)
-    root = Path(cfg.data.data_dir or ".")
-    examples = []
-    for s in cfg.data.sources:
-        path = Path(s.path) if Path(s.path).is_absolute() else root / s.path
-        examples += load_source(s.kind, path, s.split, s.format, s.split_scheme, s.limit)
+    examples = [ex for s in cfg.data.sources for ex in load_source(*source_args(s, cfg.data.data_dir or "."))]
     collator = LMCollator(tok, mode="chat", max_length=cfg.data.max_length, multimodal=False)
     with torch.inference_mode():
         out = write_teacher_store(args.out, teacher, collator, examples, k=args.k, selection=args.selection,
@@ -122,19 +116,11 @@ def teacher_store(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point used by the tests and by `python -m openmedgemma.train.cli` (same as `openmedgemma train`)."""
-    import sys
+    """The root `openmedgemma` command (it registers these sub-commands): `python -m openmedgemma.train.cli` as
+    torchrun launches it, and the tests."""
+    from openmedgemma.cli import main as root_main
 
-    from openmedgemma.errors import OpenMedGemmaError
-
-    parser = argparse.ArgumentParser(prog="openmedgemma")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except OpenMedGemmaError as err:
-        print(f"openmedgemma train: error: {err}", file=sys.stderr)
-        return 2
+    return root_main(argv)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 STAGES = ("siglip", "pretrain", "sft", "distill", "rl")
-SOURCE_KINDS = ("vqa_rad", "pneumonia_mnist", "mcq", "pubmedqa", "image_text", "teacher_store")
 # The linear layers of the official recipe's "all-linear": decoder attention + MLP, SigLIP attention + MLP.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2")
 MEDGEMMA_PARTS = ("language_model", "vision_tower", "multi_modal_projector")
@@ -305,12 +304,14 @@ def _validate(cfg: TrainConfig, file: str) -> None:
         need(bool(s.path), f"{where}.path", "a path to the dataset file or folder is required", s.path)
         need(s.weight > 0, f"{where}.weight", "must be > 0", s.weight)
         need(s.limit >= 0, f"{where}.limit", "must be >= 0", s.limit)
-    kinds = {s.kind for s in cfg.data.sources}
-    if cfg.stage == "distill":
-        need(kinds == {"teacher_store"}, "data.sources.kind", "the distill stage trains on teacher stores only "
-             "(kind = 'teacher_store'; write one with openmedgemma.train.distill.write_teacher_store)", sorted(kinds))
-    elif "teacher_store" in kinds:
-        raise ConfigError(f"{file}: data.sources kind = 'teacher_store' is only for the distill stage")
+    for key, sources in (("data.sources", cfg.data.sources), ("eval.sources", cfg.eval.sources)):
+        kinds = {s.kind for s in sources}  # data.sources is not empty (checked above); eval.sources may be
+        if cfg.stage == "distill":
+            need(kinds <= {"teacher_store"}, f"{key}.kind", "the distill stage trains and evaluates on teacher "
+                 "stores only (kind = 'teacher_store'; write one with openmedgemma.train.distill.write_teacher_store)",
+                 sorted(kinds))  # fmt: skip
+        elif "teacher_store" in kinds:
+            raise ConfigError(f"{file}: {key} kind = 'teacher_store' is only for the distill stage")
     d, o, t = cfg.data, cfg.optim, cfg.train
     need(d.max_length >= 8, "data.max_length", "must be >= 8", d.max_length)
     need(d.image_size >= 0, "data.image_size", "must be >= 0", d.image_size)

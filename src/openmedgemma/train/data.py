@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 
 from openmedgemma.errors import DataError
-from openmedgemma.eval.prompts import MCQ_TEMPLATE, PUBMEDQA_CONTEXT, VQA_TEMPLATE, cxr_prompt
+from openmedgemma.eval.prompts import MCQ_TEMPLATE, VQA_TEMPLATE, cxr_prompt, mcq_prompt, vqa_prompt
 
 # The evaluation's prompts (the report's, spec §4), so that fine-tuning sees exactly what evaluation asks.
 VQA_PROMPT = VQA_TEMPLATE
-# The MCQ instruction with "{n}" for the number of options; the target is the final answer line it asks for.
+# The MCQ instruction with "{n}" for the number of options (examples are built by eval's `mcq_prompt`; this is
+# its text for tokenizer corpora); the target is the final answer line it asks for.
 MCQ_PROMPT = MCQ_TEMPLATE.replace("from the four options", "from the {n} options")
 # PneumoniaMNIST as the report's CXR classification question; the target is the answer line it asks for.
 PNEUMONIA_PROMPT = cxr_prompt("pneumonia")
@@ -40,7 +41,6 @@ PNEUMONIA_CAPTIONS = (
     ("A pediatric chest X-ray showing pneumonia.", "Chest X-ray with pneumonia.", "Pneumonia.",
      "Lung consolidation consistent with pneumonia.", "A pediatric chest radiograph showing pneumonia."),
 )  # fmt: skip
-_NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
 
 VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
 VQA_RAD_IMAGES = "VQA_RAD Image Folder"
@@ -106,11 +106,7 @@ def mcq_example(question: str, options, answer_letter: str, source: str, context
     options = letter_options(options)
     if answer_letter not in options:
         raise DataError(f"{source}: answer {answer_letter!r} is not one of the options {list(options)}")
-    body = question if "Answer Choices:" in question else question + "".join(f"\n({k}) {v}" for k, v in options.items())
-    prompt = MCQ_PROMPT.format(
-        n=_NUMBERS.get(len(options), str(len(options))), question=body,
-        context=PUBMEDQA_CONTEXT.format(context=context) if context else "",
-    )
+    prompt = mcq_prompt(question, options, context or None)  # an empty context adds no context sentence
     meta = {"options": options, "answer_letter": answer_letter, "answer_text": options[answer_letter], **(meta or {})}
     return Example(prompt=prompt, answer=f"Final Answer: ({answer_letter})", source=source, meta=meta)
 
@@ -146,7 +142,7 @@ def vqa_rad(root: str | Path, split: str = "train", scheme: str = "balanced") ->
             raise DataError(f"{image}: image of VQA-RAD qid {r['qid']} not found")
         answer = str(r["answer"]).strip()
         out.append(Example(
-            prompt=VQA_PROMPT.format(question=r["question"].strip()), answer=answer, images=(str(image),),
+            prompt=vqa_prompt(r["question"].strip()), answer=answer, images=(str(image),),
             source=f"vqa_rad:{split}",
             meta={"qid": int(r["qid"]), "question": r["question"].strip(), "answer_type": r["answer_type"].strip(),
                   "organ": str(r.get("image_organ", "")).strip(), "image_name": r["image_name"]},
@@ -370,6 +366,15 @@ def image_text(path: str | Path, fmt: str = "caption") -> list[Example]:
 
 
 # ----------------------------------------------------------------------------- from config
+
+
+def source_args(s, data_dir: str | Path | None) -> tuple:
+    """`load_source`'s arguments for a configured source (a `SourceSection`): a relative path resolves against
+    `data_dir` (None: the working directory)."""
+    path = Path(s.path).expanduser()
+    if not path.is_absolute() and data_dir is not None:
+        path = Path(data_dir).expanduser() / path
+    return s.kind, path, s.split, s.format, s.split_scheme, s.limit
 
 
 def load_source(kind: str, path: str | Path, split: str = "train", fmt: str = "qa", scheme: str = "balanced",

@@ -61,7 +61,7 @@ def write_teacher_store(out_dir: str | os.PathLike, teacher, collator, examples:
     tmp.mkdir(parents=True)
     teacher.eval()
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    weight = teacher.language_model.embed_tokens.weight
+    vocab = teacher.config.text.vocab_size
     shards, buffer, n_seq, n_targets = [], [], 0, 0
     iterator = range(0, len(examples), batch_size)
     if progress:
@@ -79,7 +79,7 @@ def write_teacher_store(out_dir: str | os.PathLike, teacher, collator, examples:
             n = int(mask[i].sum())
             targets = [t for t in range(1, n) if labels[i, t] != IGNORE]
             pos = torch.tensor([t - 1 for t in targets], dtype=torch.long, device=hidden.device)
-            logits = torch.nn.functional.linear(hidden[i, pos], weight)
+            logits = teacher.logits(hidden[i, pos])
             idx, p = select_teacher_targets(logits.cpu(), k, selection, generator)
             buffer.append((ids[i, :n], labels[i, :n], idx, p))
             n_targets += len(targets)
@@ -91,8 +91,8 @@ def write_teacher_store(out_dir: str | os.PathLike, teacher, collator, examples:
         shards.append(_write_shard(tmp, len(shards), buffer))
         n_seq += len(buffer)
     manifest = {
-        "format": FORMAT, "version": 1, "k": int(min(k, weight.shape[0])), "selection": selection,
-        "vocab_size": int(weight.shape[0]), "sequences": n_seq, "targets": n_targets, "shards": shards,
+        "format": FORMAT, "version": 1, "k": int(min(k, vocab)), "selection": selection,
+        "vocab_size": int(vocab), "sequences": n_seq, "targets": n_targets, "shards": shards,
         "teacher": str(getattr(teacher, "source", "")), "seed": seed,
     }  # fmt: skip
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -123,6 +123,7 @@ class Trainer:
         self.module = D.wrap(self.stage.module, self.info, self.device, self.stage.blocks(),
                              find_unused=self.stage.find_unused_parameters)  # fmt: skip
         self.stage.wrapped = self.module
+        self.params = [p for p in self.module.parameters() if p.requires_grad]  # what gradient clipping sees
         self.optimizer = build_optimizer(self.module, cfg)
         o = cfg.optim
         warmup = o.warmup_steps or int(o.warmup_ratio * t.steps)
@@ -185,25 +186,25 @@ class Trainer:
         tokens = sum(b.get("n_tokens", 0) for b in batches)
         units, tokens = D.all_reduce_sum([units, tokens], self.info, self.device)
         scale = self.info.world / max(units, 1.0)
-        loss_sum = 0.0
+        # float64 on the device: the same sum as adding Python floats, with one host sync per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for j, batch in enumerate(batches):
             batch = self._to_device(batch)
             with D.no_sync(self.module, self.info, last=j == len(batches) - 1), self._autocast():
                 loss, _, extra = self.module(**batch)
                 (loss * scale).backward()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach().double()
             for k, v in extra.items():
                 stats[k] = stats.get(k, 0.0) + v / len(batches)
         max_norm = self.cfg.optim.max_grad_norm
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP
             norm = norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (loss_total,) = D.all_reduce_sum([loss_sum], self.info, self.device)
+        (loss_total,) = D.all_reduce_sum([float(loss_sum)], self.info, self.device)
         return {"loss": loss_total / max(units, 1.0), "lr": lr, "grad_norm": float(norm), "tokens": int(tokens),
                 "units": units, **stats}  # fmt: skip
 

@@ -27,7 +27,7 @@ from openmedgemma.train.losses import (
 # ----------------------------------------------------------------------------- building
 
 
-def build_model(section, kind: str, base_dir: Path | None = None):
+def build_model(section, kind: str):
     """MedGemma (kind="medgemma") or MedSigLIP (kind="medsiglip") from a [model] section."""
     from openmedgemma.config import from_hf_config, get_config, read_hf_config
     from openmedgemma.model.medgemma import MedGemma
@@ -37,10 +37,10 @@ def build_model(section, kind: str, base_dir: Path | None = None):
     cls = MedSigLIP if kind == "medsiglip" else MedGemma
     dtype = resolve_dtype(section.dtype)
     if section.path:
-        model = cls.from_pretrained(_resolve(section.path, base_dir), dtype=dtype)
+        model = cls.from_pretrained(Path(section.path).expanduser(), dtype=dtype)
     else:
         ref = section.config
-        path = _resolve(ref, base_dir)
+        path = Path(ref).expanduser()
         cfg = from_hf_config(read_hf_config(path)) if path.exists() else get_config(ref)
         if not isinstance(cfg, cls.config_class):
             raise ConfigError(f"model.config = {ref!r} is a {type(cfg).__name__}; this stage trains a {cls.__name__}")
@@ -48,11 +48,6 @@ def build_model(section, kind: str, base_dir: Path | None = None):
         init_weights(model, section.init_std)
         model = model.to(dtype)
     return model.train()
-
-
-def _resolve(path: str, base_dir: Path | None) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() or base_dir is None else base_dir / p
 
 
 @torch.no_grad()
@@ -113,23 +108,27 @@ def compile_blocks(model: nn.Module) -> None:
 
 class LMModule(nn.Module):
     """Wraps a MedGemma for training. forward(mode="loss") -> (CE sum, targets, stats); mode="logits" returns
-    the last position's logits (rollouts); mode="logp" returns log p of each next token [B, T]."""
+    the last position's logits (rollouts); mode="logp" returns [B, T] with logp[:, t] = log p(token t + 1) at
+    the positions predicting a completion token (`completion_mask`), 0 elsewhere."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_features=None,
-                mode: str = "loss", **_):
+                completion_mask=None, mode: str = "loss", **_):
         hidden = self.model.hidden_states(input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                           image_features=image_features)
-        weight = self.model.language_model.embed_tokens.weight
         if mode == "logits":
-            return nn.functional.linear(hidden[:, -1], weight).float()
+            return self.model.logits(hidden[:, -1]).float()
         if mode == "logp":
-            logits = nn.functional.linear(hidden[:, :-1], weight)
-            return nn.functional.pad(token_logprobs(logits, input_ids[:, 1:]), (0, 1))
-        loss, count = causal_lm_loss(hidden, weight, labels)
+            # GRPO reads only completion tokens: project just those positions onto the vocabulary
+            keep = shift_labels(completion_mask.long()) > 0
+            picked = token_logprobs(self.model.logits(hidden[keep]), shift_labels(input_ids)[keep])
+            logp = picked.new_zeros(input_ids.shape)
+            logp[keep] = picked
+            return logp
+        loss, count = causal_lm_loss(hidden, self.model.language_model.embed_tokens.weight, labels)
         return loss, count, {}
 
 
@@ -143,9 +142,8 @@ class DistillModule(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, teacher_indices, teacher_probs, **_):
         hidden = self.model.hidden_states(input_ids, attention_mask=attention_mask)
-        weight = self.model.language_model.embed_tokens.weight
         keep = shift_labels(labels) != IGNORE
-        logits = nn.functional.linear(hidden[keep], weight)
+        logits = self.model.logits(hidden[keep])
         loss = sparse_distill_loss(logits, teacher_indices[keep], teacher_probs[keep])
         stats = {}
         if self.hard_label_weight:
@@ -166,8 +164,10 @@ class GRPOModule(LMModule):
     def forward(self, input_ids, attention_mask=None, completion_mask=None, advantages=None, old_logp=None,
                 ref_logp=None, pixel_values=None, mode: str = "loss", **kwargs):
         if mode != "loss" or completion_mask is None:
-            return super().forward(input_ids, attention_mask, pixel_values=pixel_values, mode=mode, **kwargs)
-        logp = super().forward(input_ids, attention_mask, pixel_values=pixel_values, mode="logp")
+            return super().forward(input_ids, attention_mask, pixel_values=pixel_values,
+                                   completion_mask=completion_mask, mode=mode, **kwargs)  # fmt: skip
+        logp = super().forward(input_ids, attention_mask, pixel_values=pixel_values, completion_mask=completion_mask,
+                               mode="logp")  # fmt: skip
         # logp[:, t] is log p(token t+1): align the completion mask with the predicting positions
         mask = shift_labels(completion_mask.long()) > 0
         old = logp.detach() if old_logp is None else old_logp

@@ -22,12 +22,14 @@ import shutil
 import time
 from pathlib import Path
 
+from openmedgemma.config import get_config
 from openmedgemma.errors import ConfigError
 from openmedgemma.train.config import TrainConfig, load_config
 
 RECIPE_STAGES = ("siglip", "pretrain", "sft", "rl")
-GEMMA_VOCAB = 4096  # the "nano" config's vocab_size
-SIGLIP_VOCAB = 1024  # the "medsiglip-nano" config's text vocab_size
+# the tokenizers fill the nano models' vocabularies
+GEMMA_VOCAB = get_config("nano").text.vocab_size
+SIGLIP_VOCAB = get_config("medsiglip-nano").text.vocab_size
 NANO_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "spiece.model")  # fmt: skip
 # What transformers' AutoProcessor needs beside the tokenizer: the image processors of the official folders,
@@ -68,13 +70,12 @@ def load_recipe(recipe_dir: Path, data_dir: Path, out: Path, seed: int, max_step
 def training_texts(*configs: TrainConfig) -> list[str]:
     """The distinct prompts and answers of these stages' training sources (the tokenizers learn from nothing
     else), sorted; a source several stages share is read once."""
-    from openmedgemma.train.data import load_source
+    from openmedgemma.train.data import load_source, source_args
 
     texts, seen = set(), set()
     for cfg in configs:
         for s in cfg.data.sources:
-            path = Path(s.path) if Path(s.path).is_absolute() else Path(cfg.data.data_dir) / s.path
-            key = (s.kind, str(path), s.split, s.format, s.split_scheme, s.limit)
+            key = source_args(s, cfg.data.data_dir)
             if key not in seen:
                 seen.add(key)
                 texts.update(t for ex in load_source(*key) for t in (ex.prompt, ex.answer) if t)
@@ -96,7 +97,6 @@ def init_medgemma(siglip_dir: Path, tokenizer_dir: Path, folder: Path, seed: int
     """A fresh nano MedGemma (decoder and projector random under `seed`) carrying the trained SigLIP vision tower."""
     import torch
 
-    from openmedgemma.config import get_config
     from openmedgemma.model.medgemma import MedGemma
     from openmedgemma.model.medsiglip import MedSigLIP
     from openmedgemma.train.modeling import init_weights

@@ -127,6 +127,3 @@ class CombinedReward:
 
     def __call__(self, completion: str, example) -> float:
         return sum(w * float(fn(completion, example)) for _, fn, w in self.parts)
-
-    def detailed(self, completion: str, example) -> dict[str, float]:
-        return {name: float(fn(completion, example)) for name, fn, _ in self.parts}

@@ -6,7 +6,8 @@ included when one was sampled), grouped by prompt: prompt 0's n completions firs
 
 `sample_completions` is the trainer's own sampler: it recomputes the whole sequence at each new token (no KV
 cache), which keeps it exact and usable under FSDP (every rank runs the same number of forwards) but makes it
-slow for long completions; `engine_rollout` uses the engine's cached `generate_ids` when it is installed.
+slow for long completions; `engine_rollout` uses the engine's cached `generate_ids`. Both sample with the
+engine's `next_tokens`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
+from openmedgemma.engine.sampling import GenerationConfig, next_tokens
 
 RolloutFn = Callable[[Sequence[Sequence[int]], Sequence, int], list[list[int]]]
 
@@ -53,15 +56,12 @@ def sample_completions(
     stops = torch.tensor(list(stop_ids), device=device)
     suppress = sorted(set(suppress_ids))
     out: list[list[int]] = [[] for _ in rows]
+    config = GenerationConfig(temperature=temperature, top_k=top_k or None)
     for _ in range(max_new_tokens):
-        logits = forward_logits(ids, mask, pv).float() / temperature
+        logits = forward_logits(ids, mask, pv).float()
         if suppress:
             logits[:, suppress] = float("-inf")
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = next_tokens(logits, config, generator)  # the engine's sampler: same draws as generate_ids
         token = torch.where(done, torch.full_like(token, pad_id), token)
         for i in (~done).nonzero().flatten().tolist():
             out[i].append(int(token[i]))
@@ -73,15 +73,6 @@ def sample_completions(
     return out
 
 
-def engine_available() -> bool:
-    try:
-        from openmedgemma.engine.generate import generate_ids  # noqa: F401
-        from openmedgemma.engine.sampling import GenerationConfig  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def engine_rollout(model, *, max_new_tokens: int, temperature: float, top_k: int, stop_ids,
                    suppress_ids: Sequence[int] = ()) -> RolloutFn:
     """A rollout function over the engine's `generate_ids` (KV cache). Sampling draws from torch's global RNG
@@ -90,17 +81,18 @@ def engine_rollout(model, *, max_new_tokens: int, temperature: float, top_k: int
     `suppress_ids` (an image soft token cannot be part of a completion)."""
     from torch import nn
 
+    from openmedgemma.engine.fast import FastDecoder
     from openmedgemma.engine.generate import generate_ids
-    from openmedgemma.engine.sampling import GenerationConfig
 
     projections = [m for name, m in model.language_model.named_modules() if name.endswith(("_proj",))]
-    fast = all(type(m) is nn.Linear for m in projections)
+    # one fused decoder for every call (it sees weight updates); plain nn.Linear projections only
+    fast = FastDecoder(model.language_model) if all(type(m) is nn.Linear for m in projections) else False
     suppress = set(suppress_ids)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None)
 
     def rollout(prompts, pixel_values, n):
         rows = [list(p) for p in prompts for _ in range(n)]
         images = [pv for pv in pixel_values for _ in range(n)]
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None)
         out = []
         for completion in generate_ids(model, rows, images, cfg, list(stop_ids), fast=fast):
             cut = next((i for i, t in enumerate(completion) if t in suppress), len(completion))

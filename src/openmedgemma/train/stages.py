@@ -26,7 +26,7 @@ from openmedgemma.errors import ConfigError, DataError
 from openmedgemma.train import distributed as D
 from openmedgemma.train.collate import ImageCache, LMCollator, SiglipCollator
 from openmedgemma.train.config import TrainConfig
-from openmedgemma.train.data import load_source
+from openmedgemma.train.data import load_source, source_args
 from openmedgemma.train.losses import IGNORE, group_advantages, shift_labels
 from openmedgemma.train.modeling import (
     DistillModule,
@@ -74,10 +74,7 @@ class Stage:
         self.module = self.build_module()
 
     def load(self, s):
-        path = Path(s.path).expanduser()
-        if not path.is_absolute() and self.data_dir is not None:
-            path = self.data_dir / path
-        return self.check_source(load_source(s.kind, path, s.split, s.format, s.split_scheme, s.limit), s)
+        return self.check_source(load_source(*source_args(s, self.data_dir)), s)
 
     def check_source(self, examples, s):
         return examples
@@ -139,7 +136,7 @@ class Stage:
         return [self.collate(c) for c in chunks(examples, self.micro_batch_size())], {}
 
     def collate(self, examples: list) -> dict:
-        raise NotImplementedError
+        return self.collator(examples)
 
     def units(self, batch: dict) -> float:
         return float((shift_labels(batch["labels"]) != IGNORE).sum())
@@ -261,16 +258,13 @@ class _LMStage(Stage):
             return False
         return any(not ex.images for source in self.sources if isinstance(source, list) for ex in source)
 
-    def collate(self, examples: list) -> dict:
-        return self.collator(examples)
+    def build_module(self):
+        self.collator = self.build_collator()
+        return LMModule(self.model)
 
 
 class SFTStage(_LMStage):
     name = "sft"
-
-    def build_module(self):
-        self.collator = self.build_collator()
-        return LMModule(self.model)
 
     def check_source(self, examples, s):
         if s.format == "text":
@@ -281,10 +275,6 @@ class SFTStage(_LMStage):
 class PretrainStage(_LMStage):
     name = "pretrain"
     mode = "plain"
-
-    def build_module(self):
-        self.collator = self.build_collator()
-        return LMModule(self.model)
 
 
 class DistillStage(_LMStage):
@@ -299,12 +289,6 @@ class DistillStage(_LMStage):
 
         self.collator = DistillCollator(self.tok.pad_id, self.model.config.text.vocab_size, self.cfg.data.max_length)
         return DistillModule(self.model, self.cfg.distill.hard_label_weight)
-
-    def eval_batches(self) -> list[dict]:
-        items = self.eval_examples
-        if items and not isinstance(items[0], dict):
-            raise ConfigError(f"{self.cfg.source_file}: distill evaluation needs teacher_store sources")
-        return super().eval_batches()
 
     @property
     def find_unused_parameters(self) -> bool:  # teacher stores are text only
@@ -334,14 +318,6 @@ class RLStage(_LMStage):
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         return GRPOModule(self.model, r.clip_eps, r.kl_coef, r.loss_agg)
 
-    def eval_batches(self) -> list[dict]:
-        lm = LMCollator(self.tok, mode="chat", image_seq_length=self.collator.image_seq_length,
-                        image_size=self.collator.image_size, max_length=self.collator.max_length,
-                        multimodal=self.collator.multimodal, cache=self.cache)  # fmt: skip
-        size = self.cfg.eval.batch_size
-        batches = [lm(c) for c in chunks(self.eval_examples, size)]
-        return batches[: self.cfg.eval.max_batches] if self.cfg.eval.max_batches else batches
-
     def units(self, batch: dict) -> float:
         if "completion_mask" not in batch:  # evaluation batches (answer NLL)
             return super().units(batch)
@@ -352,12 +328,9 @@ class RLStage(_LMStage):
         if self.rollout_fn is not None:
             return self.rollout_fn
         r = self.cfg.rl
-        from openmedgemma.train.rollout import engine_available, engine_rollout, sample_completions
+        from openmedgemma.train.rollout import engine_rollout, sample_completions
 
-        use_engine = r.rollout == "engine" or (r.rollout == "auto" and engine_available() and self.info.strategy != "fsdp")
-        if use_engine:
-            if not engine_available():
-                raise ConfigError(f"{self.cfg.source_file}: rl.rollout = 'engine' but openmedgemma.engine.generate_ids is not available")
+        if r.rollout == "engine" or (r.rollout == "auto" and self.info.strategy != "fsdp"):
             return engine_rollout(self.model, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                   top_k=r.top_k, stop_ids=self.tok.stop_ids, suppress_ids=self.suppressed_ids())  # fmt: skip
         sharded = self.info.strategy == "fsdp"
@@ -388,7 +361,7 @@ class RLStage(_LMStage):
     def _logp(self, model_call, batch: dict) -> torch.Tensor:
         return model_call(input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device),
                           pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(self.device),
-                          mode="logp")  # fmt: skip
+                          completion_mask=batch["completion_mask"].to(self.device), mode="logp")  # fmt: skip
 
     def next_batches(self, step: int, draw) -> tuple[list[dict], dict]:
         r = self.cfg.rl
@@ -498,9 +471,6 @@ class SiglipStage(Stage):
     def build_module(self):
         s = self.cfg.siglip
         return SiglipModule(self.model, s.chunk_size, s.gather, s.duplicate_positives)
-
-    def collate(self, examples: list) -> dict:
-        return self.collator(examples)
 
     def units(self, batch: dict) -> float:
         return 1.0
