@@ -1,5 +1,8 @@
 """`openmedgemma ask` (one question, then exit) and `openmedgemma chat` (an interactive session).
 
+`--image` takes 2-D images and volumes (a DICOM series folder, a zip of one, a multi-frame DICOM, a
+NIfTI); `--slide` the whole-slide images of one case. Volumes and slides go into the prompt in the
+MedGemma 1.5 layout (imaging.inputs): instruction, images with their labels, then the question.
 Top-level imports stay light (no torch): the model is loaded only when a command runs.
 """
 
@@ -13,6 +16,10 @@ from pathlib import Path
 from openmedgemma.errors import ImageError, OpenMedGemmaError
 
 CHAT_HELP = "commands: /image FILE (attach to your next message), /reset (forget the conversation), /quit"
+VOLUME_INSTRUCTION = ("The images below are the slices of one volume, in order along the patient axis, each "
+                      "followed by its label SLICE n. Review them carefully.")  # fmt: skip
+SLIDES_INSTRUCTION = ("The images below are tissue patches of the whole-slide images of one case, in spatial order; "
+                      "with several slides, the patches of slide k follow the label SLIDE k. Review them carefully.")  # fmt: skip
 
 
 def register(subparsers) -> None:
@@ -21,7 +28,8 @@ def register(subparsers) -> None:
     _add_common(ask)
     ask.add_argument("question", help="the question (quote it)")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    ask.add_argument("--json", action="store_true", help="print a JSON object: answer, token counts, timings")
+    ask.add_argument("--json", action="store_true", help="print a JSON object: inputs (preset, slice / patch "
+                     "counts), answer, token counts, timings")  # fmt: skip
     ask.set_defaults(func=run_ask)
 
     chat = subparsers.add_parser("chat", help="an interactive chat session that keeps its history",
@@ -35,7 +43,25 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, "
                         "tokenizer.json); default: the bundled nano model")  # fmt: skip
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
-                        help="PNG, JPEG or DICOM image to include (repeatable)")  # fmt: skip
+                        help="image to include (repeatable): PNG, JPEG, TIFF, DICOM, or a volume: a DICOM series "
+                        "folder, a zip of one, a multi-frame DICOM or a NIfTI (at most --max-slices slices)")  # fmt: skip
+    volume = parser.add_argument_group("volumes (--image)")
+    volume.add_argument("--preset", help="CT window preset: medgemma (default) or report-v4")
+    volume.add_argument("--max-slices", type=int, default=85, metavar="N", help="slices sampled from a volume "
+                        "(default 85, MedGemma 1.5's limit)")  # fmt: skip
+    volume.add_argument("--series-uid", metavar="UID", help="SeriesInstanceUID to use when a folder or zip mixes series")
+    volume.add_argument("--modality", help="modality of files without one (e.g. CT for a NIfTI in Hounsfield units)")
+    slides = parser.add_argument_group("whole-slide images (--slide)")
+    slides.add_argument("--slide", action="append", default=[], metavar="FILE",
+                        help="a whole-slide image of the case (SVS, pyramidal TIFF; repeatable)")  # fmt: skip
+    slides.add_argument("--magnification", type=float, default=10.0, metavar="X", help="objective magnification "
+                        "the patches are cut at (default 10)")  # fmt: skip
+    slides.add_argument("--max-patches", type=int, default=126, metavar="N",
+                        help="patches in all, split across the slides (default 126, MedGemma 1.5's limit)")  # fmt: skip
+    slides.add_argument("--patch-size", type=int, default=896, metavar="PX", help="patch side in pixels (default 896)")
+    slides.add_argument("--patch-seed", type=int, default=0, metavar="S", help="seed of the patch subsample (default 0)")
+    parser.add_argument("--instruction", metavar="TEXT", help="text put before a volume's or slides' images "
+                        "(default: a short description of the layout; '' for none)")  # fmt: skip
     parser.add_argument("--system", metavar="TEXT", help="system instruction")
     parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
@@ -58,13 +84,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def run_ask(args) -> int:
     _check_images(args.image)
+    _check_slides(args.slide)
     engine = _load(args)
     config = _config(args)
-    messages = _system(args) + [_user(args.question, args.image)]
+    messages = _system(args) + [_user(args.question, args.image, args)]
     if args.stream and not args.json:
         result = _print_stream(engine, messages, config)
     else:
         [result] = engine.generate([messages], config)
+        _print_warnings(result)
         if args.json:
             print(json.dumps(result.to_dict(), ensure_ascii=False))
             return 0
@@ -74,13 +102,14 @@ def run_ask(args) -> int:
 
 def run_chat(args) -> int:
     _check_images(args.image)
+    _check_slides(args.slide)
     engine = _load(args)
     config = _config(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"openmedgemma chat: {args.model} ({CHAT_HELP})", file=sys.stderr)
     history: list[dict] = []
-    pending = list(args.image)
+    pending, slides = list(args.image), list(args.slide)
     while True:
         line = _read_line(interactive)
         if line is None:
@@ -93,7 +122,7 @@ def run_chat(args) -> int:
             if command in ("/quit", "/exit"):
                 break
             if command == "/reset":
-                history, pending = [], []
+                history, pending, slides = [], [], []
                 print("(conversation reset)", file=sys.stderr)
             elif command == "/image":
                 try:
@@ -105,7 +134,7 @@ def run_chat(args) -> int:
             else:
                 print(f"openmedgemma chat: unknown command {command}; {CHAT_HELP}", file=sys.stderr)
             continue
-        turn = _user(line, pending)
+        turn = _user(line, pending, args, slides)
         messages = (_system(args) if not history else []) + history + [turn]
         try:
             result = _print_stream(engine, messages, config)
@@ -115,7 +144,7 @@ def run_chat(args) -> int:
         if not history:
             history = _system(args)
         history += [turn, {"role": "assistant", "content": result.text}]
-        pending = []
+        pending, slides = [], []
     return 0
 
 
@@ -124,6 +153,7 @@ def _print_stream(engine, messages, config):
     for delta in engine.stream(messages, config):
         print(delta, end="", flush=True)
     print(flush=True)
+    _print_warnings(engine.last_result)
     return engine.last_result
 
 
@@ -137,8 +167,14 @@ def _check_images(paths: list[str]) -> None:
             raise ImageError("/image needs a file name")
         if not p.exists():
             raise ImageError(f"{path}: file not found")
-        if not p.is_file():
-            raise ImageError(f"{path}: not a file")
+        if not (p.is_file() or p.is_dir()):
+            raise ImageError(f"{path}: not a file or folder")
+
+
+def _check_slides(paths: list[str]) -> None:
+    for path in paths:
+        if not Path(path).expanduser().is_file():
+            raise ImageError(f"{path}: slide file not found")
 
 
 def _load(args):
@@ -169,11 +205,33 @@ def _system(args) -> list[dict]:
     return [{"role": "system", "content": args.system}] if args.system else []
 
 
-def _user(text: str, images: list[str]) -> dict:
-    if not images:
+def _user(text: str, images: list[str], args, slides: list[str] | None = None) -> dict:
+    """The user turn: [instruction], images (a volume as its slices), slide patches, then the question.
+
+    Each image is a "volume" item, expanded by the engine (imaging.inputs), which also reports what it
+    became (preset, slice and patch counts) in the result's `inputs`."""
+    from openmedgemma.imaging.inputs import is_volume_source
+
+    slides = args.slide if slides is None else slides
+    if not images and not slides:
         return {"role": "user", "content": text}
-    content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
-    return {"role": "user", "content": content}
+    options = dict(preset=args.preset, max_slices=args.max_slices, series_uid=args.series_uid, modality=args.modality)
+    content: list[dict] = [{"type": "volume", "volume": p, **options} for p in images]
+    if slides:
+        content.append({"type": "slides", "slides": list(slides), "magnification": args.magnification,
+                        "max_patches": args.max_patches, "patch_size": args.patch_size, "seed": args.patch_seed})  # fmt: skip
+    instruction = args.instruction
+    if instruction is None:
+        parts = [VOLUME_INSTRUCTION] if any(is_volume_source(p) for p in images) else []
+        instruction = " ".join(parts + ([SLIDES_INSTRUCTION] if slides else []))
+    before = [{"type": "text", "text": instruction}] if instruction else []
+    return {"role": "user", "content": before + content + [{"type": "text", "text": text}]}
+
+
+def _print_warnings(result) -> None:
+    for summary in getattr(result, "inputs", None) or []:
+        for warning in summary.get("warnings", ()):
+            print(f"openmedgemma: warning: {summary['source']}: {warning}", file=sys.stderr)
 
 
 def _read_line(interactive: bool) -> str | None:

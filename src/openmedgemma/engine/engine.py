@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from openmedgemma.engine.fast import FastDecoder
-from openmedgemma.engine.generate import DEFAULT_PREFILL_CHUNK, TokenStream, image_features
+from openmedgemma.engine.generate import DEFAULT_PREFILL_CHUNK, VISION_BATCH, TokenStream, iter_image_features
 from openmedgemma.engine.quant import quantize as quantize_model
 from openmedgemma.engine.quant import quantized_head
 from openmedgemma.engine.sampling import GenerationConfig
@@ -31,7 +31,8 @@ class GenerationResult:
     text: the answer (thinking block removed, surrounding whitespace stripped, cut before a stop string);
     thought: the thinking block's text, or None; token_ids: the new ids (a final stop id included);
     stop_reason: "stop_token", "stop_string" or "max_new_tokens". Timings are those of the batch the
-    row ran in: vision tower, prefill up to the first token, then decoding.
+    row ran in: vision tower, prefill up to the first token, then decoding. inputs: what each volume or
+    slide case of the prompt became (kind, source, preset, slice / patch counts; see imaging.inputs).
     """
 
     text: str
@@ -43,6 +44,7 @@ class GenerationResult:
     vision_seconds: float = 0.0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    inputs: list[dict] = field(default_factory=list)
 
     @property
     def time_to_first_token(self) -> float:
@@ -54,7 +56,9 @@ class GenerationResult:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        inputs = {"inputs": self.inputs} if self.inputs else {}
         return {
+            **inputs,
             "answer": self.text,
             "thought": self.thought,
             "prompt_tokens": self.prompt_tokens,
@@ -73,7 +77,9 @@ class GenerationResult:
 @dataclass
 class _Prompt:
     ids: list[int]
-    pixels: list[torch.Tensor] = field(default_factory=list)  # one [3, S, S] per image, prompt order
+    pixels: list[torch.Tensor] = field(default_factory=list)  # one [3, S, S] per image, prompt order: uint8
+    # (resized, not yet normalized: a quarter of the memory) or float pixel values given by the caller
+    inputs: list[dict] = field(default_factory=list)  # summaries of the volumes / slide cases expanded
 
 
 class _RowText:
@@ -142,8 +148,14 @@ class Engine:
     prefill_chunk: prompt tokens per prefill step (bounds activation memory for long prompts).
     compile: run decode steps through `torch.compile` (opt-in: the first step compiles, tens of seconds
     on CPU; `decoder.compile_seconds` says how long). Needs fast=True.
-    image_cache_size: image features kept (by content hash of the pixels), so asking again about an
-    image skips the vision tower; `vision_calls` counts the images the tower ran on.
+    image_cache_size / image_cache_bytes: image features kept (by content hash of the pixels, at most this
+    many and this many bytes), so asking again about an image, a volume or a slide case skips the vision
+    tower; `vision_calls` counts the images the tower ran on. The defaults hold a full case (126 patches)
+    at 4b in fp32 (2.6 MB per image).
+    vision_batch: images per vision-tower call; its activation peak grows with it (at 896 px, SigLIP
+    so400m takes ~0.35 GB per image in fp32), not with the number of images in the prompt.
+    Volumes, slide cases and multi-frame files in message content are expanded by
+    `openmedgemma.imaging.inputs.expand_content` ({"type": "volume", ...}, {"type": "slides", ...}).
     """
 
     def __init__(
@@ -154,12 +166,16 @@ class Engine:
         max_batch_size: int = 8,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         quantize: str | None = None,
-        image_cache_size: int = 64,
+        image_cache_size: int = 256,
         fast: bool = True,
         compile: bool = False,
+        vision_batch: int = VISION_BATCH,
+        image_cache_bytes: int = 1 << 30,
     ):
         if max_batch_size < 1:
             raise OpenMedGemmaError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if vision_batch < 1:
+            raise OpenMedGemmaError(f"vision_batch must be >= 1, got {vision_batch}")
         cfg = model.config
         if cfg.is_multimodal and tokenizer.image_token_id != cfg.image_token_index:
             raise OpenMedGemmaError(
@@ -175,8 +191,9 @@ class Engine:
         if compile and not fast:
             raise OpenMedGemmaError("compile=True compiles the fast decoder; it needs fast=True")
         self.decoder = FastDecoder(model.language_model, compile=compile) if fast else False
-        self.image_cache_size = image_cache_size
+        self.image_cache_size, self.image_cache_bytes, self.vision_batch = image_cache_size, image_cache_bytes, vision_batch
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_nbytes = 0
         self.vision_calls = 0
         self.last_result: GenerationResult | None = None
 
@@ -241,8 +258,14 @@ class Engine:
     # ------------------------------------------------------------------ pieces
 
     def prepare(self, messages: Sequence[Mapping]) -> _Prompt:
-        """Prompt ids (images expanded to their soft tokens) and pixel values of one conversation."""
+        """Prompt ids (images expanded to their soft tokens) and pixel values of one conversation.
+
+        Volumes and slide cases in the content become their images and labels first; a prompt longer than
+        the model's context is an error (for a volume, saying how many slices fit)."""
+        from openmedgemma.imaging.inputs import expand_content
+
         cfg = self.model.config
+        messages, inputs = expand_content(messages)
         images = _images_of(messages)
         if images and not cfg.is_multimodal:
             raise OpenMedGemmaError(f"{getattr(self.model, 'source', 'this model')}: a text-only checkpoint cannot "
@@ -254,7 +277,27 @@ class Engine:
         if bad:
             raise OpenMedGemmaError(f"{self.tokenizer.source}: token id {bad[0]} is beyond the model's vocabulary "
                                     f"({vocab}); the tokenizer does not belong to this model")  # fmt: skip
-        return _Prompt(ids, pixels)
+        if len(ids) >= cfg.text.max_position_embeddings:
+            raise self._too_long(messages, len(ids))
+        return _Prompt(ids, pixels, inputs)
+
+    def _too_long(self, messages, length: int) -> OpenMedGemmaError:
+        """The error for a prompt that leaves no room for an answer; for a volume, how many slices fit."""
+        from openmedgemma.imaging.inputs import without_group
+
+        context = self.model.config.text.max_position_embeddings
+        problem = f"the prompt takes {length:,} tokens and this model's context is {context:,}"
+        group = next((g for g in _groups_of(messages)), None)
+        if group is None:
+            return OpenMedGemmaError(f"{problem}: shorten it or send fewer images")
+        source, count, unit = group
+        rest = len(self.tokenizer.encode_chat(without_group(messages, source),
+                                              image_seq_length=self.model.config.mm_tokens_per_image))  # fmt: skip
+        per = (length - rest) / count  # tokens per slice / patch, its label included
+        fit = max(0, int((context - 1 - rest) // per))
+        option = "max_slices / --max-slices" if unit == "slices" else "max_patches / --max-patches"
+        return OpenMedGemmaError(f"{source}: {count} {unit} make a prompt of {length:,} tokens but this model's context "
+                                 f"is {context:,}: at most {fit} {unit} fit (set {option} to {fit} or fewer)")  # fmt: skip
 
     def _pixels(self, image) -> torch.Tensor:
         size = self.model.config.vision.image_size
@@ -262,7 +305,7 @@ class Engine:
             if image.shape != (3, size, size):
                 raise ImageError(f"pixel values must be [3, {size}, {size}], got {list(image.shape)}")
             return image.float().cpu()
-        from openmedgemma.imaging.pixel_values import to_pixel_values
+        from openmedgemma.imaging.pixel_values import to_resized_uint8
 
         if isinstance(image, (str, Path)):
             text = str(image)
@@ -271,35 +314,53 @@ class Engine:
             from openmedgemma.imaging.loader import load_image
 
             image = load_image(image)
-        return to_pixel_values([image], size=size)[0]
+        return to_resized_uint8([image], size=size)[0]
 
     def _features_for(self, prompts: list[_Prompt]) -> list[torch.Tensor | None]:
-        """Image features per prompt; the vision tower runs once on the images not in the cache."""
+        """Image features per prompt; the vision tower runs once on the images not in the cache, `vision_batch`
+        images at a time, each batch's output written straight into the per-prompt tensors (memory: those
+        tensors plus one batch, whatever the number of images)."""
         keys = [[_content_key(px) for px in p.pixels] for p in prompts]
-        # features are taken from this snapshot, not from the LRU, which may evict while this batch is stored
-        known = {key: self._features[key] for row in keys for key in row if key in self._features}
+        places: dict[str, list[tuple[int, int]]] = {}  # key -> (prompt, image index) it fills
+        for row, row_keys in enumerate(keys):
+            for i, key in enumerate(row_keys):
+                places.setdefault(key, []).append((row, i))
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+
+        def place(key: str, feat: torch.Tensor) -> None:
+            for row, i in places[key]:
+                if out[row] is None:
+                    out[row] = feat.new_empty((len(keys[row]), *feat.shape))
+                out[row][i] = feat
+
         missing: dict[str, torch.Tensor] = {}
-        for p, row_keys in zip(prompts, keys):
-            for px, key in zip(p.pixels, row_keys):
-                if key not in known:
-                    missing.setdefault(key, px)
-        if missing:
-            feats = image_features(self.model, torch.stack(list(missing.values())))
-            self.vision_calls += len(missing)
-            known.update(zip(missing, feats))
-        for key in dict.fromkeys(key for row in keys for key in row):  # most recently used last
+        for key in places:  # cached features are read before anything new is stored (storing may evict)
+            if key in self._features:
+                place(key, self._features[key])
+            else:
+                missing[key] = next(prompts[row].pixels[i] for row, i in places[key][:1])
+        pending = list(missing)
+        for feats in iter_image_features(self.model, list(missing.values()), self.vision_batch):
+            for feat in feats:
+                place(pending.pop(0), feat)
+        self.vision_calls += len(missing)
+        for key, where in places.items():  # most recently used last; the cache holds views of `out`
             if key in self._features:
                 self._features.move_to_end(key)
             else:
-                self._remember(key, known[key])
-        return [torch.stack([known[key] for key in row]) if row else None for row in keys]
+                row, i = where[0]
+                self._remember(key, out[row][i])
+        return out
 
     def _remember(self, key: str, feat: torch.Tensor) -> None:
-        if self.image_cache_size <= 0:
+        size = feat.numel() * feat.element_size()
+        if self.image_cache_size <= 0 or size > self.image_cache_bytes:
             return
         self._features[key] = feat
-        while len(self._features) > self.image_cache_size:
-            self._features.popitem(last=False)
+        self._cache_nbytes += size
+        while len(self._features) > self.image_cache_size or self._cache_nbytes > self.image_cache_bytes:
+            _, old = self._features.popitem(last=False)
+            self._cache_nbytes -= old.numel() * old.element_size()
 
     def _run(self, prompts: list[_Prompt], config: GenerationConfig,
              live: bool) -> Generator[list[_RowText], None, list[GenerationResult]]:  # fmt: skip
@@ -330,7 +391,7 @@ class Engine:
             results.append(GenerationResult(
                 text=answer.strip(), thought=thought, token_ids=list(row.ids), prompt_tokens=len(prompt.ids),
                 new_tokens=len(row.ids), stop_reason=reason, vision_seconds=vision_seconds,
-                prefill_seconds=stream.prefill_seconds, decode_seconds=stream.decode_seconds,
+                prefill_seconds=stream.prefill_seconds, decode_seconds=stream.decode_seconds, inputs=prompt.inputs,
             ))  # fmt: skip
         self.last_result = results[-1]
         return results
@@ -380,6 +441,19 @@ def _content_key(pixels: torch.Tensor) -> str:
     digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16)
     digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
     return digest.hexdigest()
+
+
+def _groups_of(messages: Sequence[Mapping]):
+    """(source, count, unit) of each volume / slide case in the content, as `expand_content` tags them."""
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, Sequence) and not isinstance(content, str):
+            seen = {}
+            for item in content:
+                group = item.get("group") if isinstance(item, Mapping) else None
+                if group and item.get("type") == "image":
+                    seen.setdefault(group["source"], [0, group["unit"]])[0] += 1
+            yield from ((source, count, unit) for source, (count, unit) in seen.items())
 
 
 def _images_of(messages: Sequence[Mapping]) -> list:

@@ -19,7 +19,7 @@ from openmedgemma.errors import OpenMedGemmaError
 from openmedgemma.model.masks import image_block_ids
 
 DEFAULT_PREFILL_CHUNK = 2048
-VISION_BATCH = 8  # images per vision-tower call: bounds its activations (an 896 px image is 4096 patches)
+VISION_BATCH = 8  # default images per vision-tower call: bounds its activations (an 896 px image is 4096 patches)
 
 
 def plan_chunks(is_image: torch.Tensor, chunk: int) -> list[tuple[int, int]]:
@@ -164,12 +164,28 @@ class TokenStream:
 
 
 @torch.inference_mode()
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The vision tower + projector over [N, 3, H, W] in batches: [N, tokens_per_image, hidden]."""
-    pixel_values = pixel_values.to(model.device)
-    step = VISION_BATCH
-    parts = [model.image_features(pixel_values[i : i + step]) for i in range(0, len(pixel_values), step)]
-    return torch.cat(parts)
+def image_features(model, pixel_values: torch.Tensor | Sequence[torch.Tensor], batch: int = VISION_BATCH,
+                   ) -> torch.Tensor:  # fmt: skip
+    """The vision tower + projector over [N, 3, H, W] (or N tensors [3, H, W]): [N, tokens_per_image, hidden]."""
+    return torch.cat(list(iter_image_features(model, pixel_values, batch)))
+
+
+@torch.inference_mode()
+def iter_image_features(model, pixel_values: torch.Tensor | Sequence[torch.Tensor], batch: int = VISION_BATCH,
+                        ) -> Iterator[torch.Tensor]:  # fmt: skip
+    """`image_features` one batch of at most `batch` images at a time, so the tower's activations (and the
+    float pixels: uint8 images from `to_resized_uint8` are normalized here) never exceed one batch."""
+    if batch < 1:
+        raise OpenMedGemmaError(f"vision_batch must be >= 1, got {batch}")
+    from openmedgemma.imaging.pixel_values import normalize_pixels
+
+    for start in range(0, len(pixel_values), batch):
+        part = pixel_values[start : start + batch]
+        if not isinstance(part, torch.Tensor):
+            part = torch.stack([normalize_pixels(px) if px.dtype == torch.uint8 else px.float() for px in part])
+        elif part.dtype == torch.uint8:
+            part = normalize_pixels(part)
+        yield model.image_features(part.to(model.device))
 
 
 def generate_ids(

@@ -6,6 +6,8 @@
 
     volume = load_series("series_folder/")        # sorted along the slice normal
     content = volume_messages(volume, instruction, question)   # <= 85 slices, "SLICE n" labels
+    items = volume_content("ct.zip", preset="medgemma")           # the same from a folder / zip / NIfTI / bytes
+    items = slides_content(["a.svs", "b.svs"], magnification=10)   # a case: <= 126 patches, "SLIDE k"
 
 Exports resolve lazily so that importing the package (and the CLI) stays fast and torch-free.
 """
@@ -27,6 +29,12 @@ _EXPORTS = {
     "pad_to_square": "pixel_values",
     "to_pixel_values": "pixel_values",
     "tile_slide": "slide",
+    "tile_case": "slide",
+    "volume_content": "inputs",
+    "volume_input": "inputs",
+    "slides_content": "inputs",
+    "slides_input": "inputs",
+    "PromptImages": "inputs",
     "SlidePatches": "slide",
     "deidentify": "deid",
     "UIDMapper": "deid",

@@ -1,10 +1,12 @@
 """`openmedgemma preview` and `openmedgemma deid`.
 
 preview FILE|FOLDER --out PNG: writes the RGB image the model will see, before the resize to
-    896, so windows can be checked. A 2-D image is written as is. A series folder, a multi-frame
-    file or a NIfTI volume is sampled like the model input (at most 85 slices) and written as a
-    contact sheet: slices in SLICE order, row by row, on a grid ceil(sqrt(n)) slices wide, at
-    native resolution; `--slice N` writes only SLICE N (1-based, as in the prompt) instead.
+    896, so windows can be checked. A 2-D image is written as is. A series folder, a zip of one, a
+    multi-frame file or a NIfTI volume is sampled like the model input (at most --max-slices) and
+    written as a contact sheet: slices in SLICE order, row by row, on a grid ceil(sqrt(n)) slices
+    wide, at native resolution, each labelled as in the prompt; `--slice N` writes only SLICE N
+    (1-based, as in the prompt) instead. `--slide FILE` (repeatable) previews the patches of a slide
+    case instead, labelled SLIDE k PATCH n, each shown at --tile pixels (default 256).
 deid IN OUT: de-identifies a DICOM file, or every DICOM file of a folder into a mirrored tree.
     Never writes into IN; refuses OUT equal to IN or inside it. Non-DICOM files are not copied.
 """
@@ -12,7 +14,6 @@ deid IN OUT: de-identifies a DICOM file, or every DICOM file of a folder into a 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1].split("deid IN OUT")[0].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    preview.add_argument("source", metavar="FILE", help="image file, or a folder holding one DICOM series")
+    preview.add_argument("source", metavar="FILE", nargs="?", help="image file, a folder holding one DICOM series, "
+                         "or a zip of one")  # fmt: skip
     preview.add_argument("--out", required=True, metavar="PNG", help="PNG file to write")
     windows = preview.add_mutually_exclusive_group()
     windows.add_argument("--preset", help="CT window preset: medgemma (default) or report-v4")
@@ -36,7 +38,17 @@ def register(subparsers) -> None:
     )
     preview.add_argument("--slice", type=int, metavar="N", help="write only SLICE N of a volume (1-based)")
     preview.add_argument("--modality", help="modality for formats without one (e.g. CT for a NIfTI in HU)")
-    preview.add_argument("--series-uid", help="SeriesInstanceUID to use when a folder mixes series")
+    preview.add_argument("--series-uid", help="SeriesInstanceUID to use when a folder or zip mixes series")
+    preview.add_argument("--max-slices", type=int, default=85, metavar="N", help="slices sampled (default 85)")
+    preview.add_argument("--no-labels", action="store_true", help="contact sheet without the SLICE / PATCH labels")
+    preview.add_argument("--slide", action="append", default=[], metavar="FILE",
+                         help="whole-slide image of a case (repeatable): preview its patches")  # fmt: skip
+    preview.add_argument("--magnification", type=float, default=10.0, metavar="X", help="slides: magnification")
+    preview.add_argument("--max-patches", type=int, default=126, metavar="N", help="slides: patches in all")
+    preview.add_argument("--patch-size", type=int, default=896, metavar="PX", help="slides: patch side (896)")
+    preview.add_argument("--patch-seed", type=int, default=0, metavar="S", help="slides: subsample seed (0)")
+    preview.add_argument("--tile", type=int, metavar="PX", help="side of each image in a contact sheet "
+                         "(default: native for slices, 256 for patches)")  # fmt: skip
     preview.set_defaults(func=run_preview)
 
     deid = subparsers.add_parser(
@@ -66,33 +78,39 @@ def run_preview(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from openmedgemma.imaging.loader import load_image
-    from openmedgemma.imaging.series import load_series, sample_slices
-    from openmedgemma.imaging.windowing import to_rgb
+    from openmedgemma.imaging.inputs import contact_sheet, slides_input, volume_input
 
     windows = _windows(args)  # argument errors before any reading
-    source = Path(args.source)
-    if source.is_dir():
-        image = load_series(source, series_uid=args.series_uid)
+    if (args.source is None) == (not args.slide):
+        raise ImageError("preview takes one image / series / volume, or --slide FILE (repeatable), not both")
+    if args.slide:
+        if args.slice is not None:
+            raise ImageError("--slice applies to a series or volume, not to slides")
+        made = slides_input(args.slide, magnification=args.magnification, max_patches=args.max_patches,
+                            patch_size=args.patch_size, seed=args.patch_seed)  # fmt: skip
+        source = made.summary["source"]
+        what = f"contact sheet of {len(made.images)} patches from {len(args.slide)} slide(s)"
+        tile = args.tile or 256
     else:
-        image = load_image(source, modality=args.modality)
-    for warning in image.warnings:
+        source = args.source
+        made = volume_input(source, preset=windows, max_slices=args.max_slices, series_uid=args.series_uid,
+                            modality=args.modality)  # fmt: skip
+        total = made.summary["total_slices"]
+        what = f"contact sheet of {len(made.images)} of {total} slices"
+        tile = args.tile
+    for warning in made.warnings:
         print(f"openmedgemma preview: warning: {warning}", file=sys.stderr)
-    is_volume = image.pixels.ndim == (4 if image.is_colour else 3)
-    if not is_volume:
+    if made.summary["kind"] == "image":
         if args.slice is not None:
             raise ImageError(f"{source}: --slice applies to a series or volume; this is one 2-D image")
-        rgb, what = to_rgb(image, windows), "image"
+        rgb, what = made.images[0], "image"
+    elif args.slice is not None:
+        if not 1 <= args.slice <= len(made.images):
+            raise ImageError(f"{source}: --slice {args.slice} is outside SLICE 1..{len(made.images)}")
+        rgb, what = made.images[args.slice - 1], f"SLICE {args.slice} of {len(made.images)}"
     else:
-        sampled = sample_slices(image)
-        slices = to_rgb(sampled, windows)
-        if args.slice is not None:
-            if not 1 <= args.slice <= len(slices):
-                raise ImageError(f"{source}: --slice {args.slice} is outside SLICE 1..{len(slices)}")
-            rgb, what = slices[args.slice - 1], f"SLICE {args.slice} of {len(slices)}"
-        else:
-            rgb = contact_sheet(slices)
-            what = f"contact sheet of {len(slices)} of {image.frames} slices"
+        captions = [""] * len(made.images) if args.no_labels else made.captions
+        rgb = contact_sheet(made.images, captions, tile)
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,20 +119,6 @@ def run_preview(args) -> int:
         raise ImageError(f"{out}: cannot write the preview ({err.strerror or err})") from None
     print(f"preview: wrote {out} ({what}, {rgb.shape[1]}x{rgb.shape[0]} RGB)")
     return 0
-
-
-def contact_sheet(slices):
-    """[n, H, W, 3] -> one [rows*H, cols*W, 3] image, row-major, cols = ceil(sqrt(n))."""
-    import numpy as np
-
-    count, height, width = slices.shape[:3]
-    columns = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    sheet = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
-    for index, tile in enumerate(slices):
-        r, c = divmod(index, columns)
-        sheet[r * height:(r + 1) * height, c * width:(c + 1) * width] = tile
-    return sheet
 
 
 def run_deid(args) -> int:

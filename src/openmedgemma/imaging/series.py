@@ -258,11 +258,16 @@ def volume_messages(
 ) -> list[dict]:
     """Chat content: instruction, then each sampled slice as an RGB image followed by "SLICE n",
     then the question (the MedGemma 1.5 CT / MR prompt layout)."""
-    sampled = sample_slices(volume, max_slices)
-    rgb = to_rgb(sampled, preset)
-    content: list[dict] = [{"type": "text", "text": instruction}]
-    for number, image in enumerate(rgb, start=1):
-        content.append({"type": "image", "image": image})
-        content.append({"type": "text", "text": f"SLICE {number}"})
-    content.append({"type": "text", "text": question})
+    rgb = to_rgb(sample_slices(volume, max_slices), preset)
+    return [{"type": "text", "text": instruction}, *slice_items(rgb), {"type": "text", "text": question}]
+
+
+def slice_items(slices, group: dict | None = None) -> list[dict]:
+    """Each slice as an image item followed by the text "SLICE n" (n from 1), the 1.5 volume layout.
+    group: tagged on every item (see imaging.inputs)."""
+    tag = {"group": group} if group else {}
+    content: list[dict] = []
+    for number, image in enumerate(slices, start=1):
+        content.append({"type": "image", "image": image, **tag})
+        content.append({"type": "text", "text": f"SLICE {number}", **tag})
     return content

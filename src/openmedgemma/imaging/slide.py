@@ -3,7 +3,8 @@
 MedGemma 1.5 pathology input: an HSV tissue mask computed at 5x, one magnification per slide,
 non-overlapping patch x patch tiles (896 by default) on a grid anchored at the slide's top-left,
 tiles kept when at least `min_tissue` of their area is tissue, spatial (row-major) order; when more
-tiles qualify than `max_patches`, a seeded random subset is kept, still in spatial order.
+tiles qualify than `max_patches`, a seeded random subset is kept, still in spatial order. `tile_case`
+tiles the several slides of one case under one cap, stratified by slide.
 
 Tissue: HSV saturation >= 25 and value >= 50 (0..255 scale): glass background is bright and
 unsaturated, stained tissue is saturated, and black borders / markings are dark.
@@ -41,6 +42,19 @@ class SlidePatches:
     source: str
 
 
+@dataclass(frozen=True)
+class SlidePlan:
+    """Where the tissue patches of one slide lie, before any patch is read (see `plan_slide`)."""
+
+    source: str
+    cells: list[tuple[int, int]]  # (row, column) grid cells that passed the tissue mask, row-major
+    step: float  # patch footprint in level-0 pixels
+    grid_shape: tuple[int, int]
+    magnification: float
+    base_magnification: float
+    patch: int
+
+
 def tile_slide(
     path: str | Path,
     magnification: float,
@@ -51,10 +65,69 @@ def tile_slide(
     min_tissue: float = 0.5,
     max_pixels: int | None = None,
 ) -> SlidePatches:
+    plan = plan_slide(path, magnification, patch, min_tissue=min_tissue, max_pixels=max_pixels)
+    if max_patches < 1:
+        raise ImageError(f"{plan.source}: max_patches must be at least 1, got {max_patches}")
+    return read_patches(plan, _subsample(plan.cells, max_patches, np.random.default_rng(seed)))
+
+
+def tile_case(
+    paths,
+    magnification: float,
+    max_patches: int = 126,
+    patch: int = 896,
+    seed: int = 0,
+    *,
+    min_tissue: float = 0.5,
+    max_pixels: int | None = None,
+) -> list[SlidePatches]:
+    """Tile every slide of one case with at most `max_patches` patches in all.
+
+    When more tissue patches qualify, each slide keeps a share proportional to its tissue patches
+    (largest remainders; at least one per slide), drawn at random (seeded per slide) and kept in
+    spatial order: a stratified subsample, so a small biopsy is not crowded out by a large resection.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ImageError("a slide case needs at least one slide file")
+    if max_patches < len(paths):
+        raise ImageError(f"max_patches {max_patches} is fewer than the {len(paths)} slides of the case (one patch each at least)")
+    plans = [plan_slide(p, magnification, patch, min_tissue=min_tissue, max_pixels=max_pixels) for p in paths]
+    quotas = allocate([len(plan.cells) for plan in plans], max_patches)
+    return [read_patches(plan, _subsample(plan.cells, quota, np.random.default_rng([seed, index])))
+            for index, (plan, quota) in enumerate(zip(plans, quotas))]  # fmt: skip
+
+
+def allocate(available: list[int], total: int) -> list[int]:
+    """Per stratum, how many to keep of `available` so that at most `total` are kept: all when they fit,
+    else shares proportional to `available` (largest remainders, ties to the earlier stratum), each at
+    least 1 and at most its `available`."""
+    if sum(available) <= total:
+        return list(available)
+    quotas = [min(1, n) for n in available]
+    spare = total - sum(quotas)
+    rest = [n - q for n, q in zip(available, quotas)]
+    exact = [spare * r / sum(rest) for r in rest]
+    quotas = [q + int(e) for q, e in zip(quotas, exact)]
+    order = sorted(range(len(available)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in order[: total - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def plan_slide(
+    path: str | Path,
+    magnification: float,
+    patch: int = 896,
+    *,
+    min_tissue: float = 0.5,
+    max_pixels: int | None = None,
+) -> SlidePlan:
+    """The tissue cells of a slide's patch grid at `magnification` (no patch read yet)."""
     name = str(path)
-    if patch < 1 or max_patches < 1 or not 0.0 <= min_tissue <= 1.0 or not magnification > 0:
-        raise ImageError(f"{name}: invalid tiling request (patch {patch}, max_patches {max_patches}, "
-                         f"min_tissue {min_tissue}, magnification {magnification})")
+    if patch < 1 or not 0.0 <= min_tissue <= 1.0 or not magnification > 0:
+        raise ImageError(f"{name}: invalid tiling request (patch {patch}, min_tissue {min_tissue}, "
+                         f"magnification {magnification})")  # fmt: skip
     read_head(path)  # missing / empty file -> ImageError
     slide = _open(name)
     try:
@@ -66,19 +139,51 @@ def tile_slide(
         grid = (int(height // step), int(width // step))
         if grid[0] == 0 or grid[1] == 0:
             raise ImageError(f"{name}: {width}x{height} slide is smaller than one {patch}px patch at {magnification:g}x")
+        _check_level(slide, name, step / patch, f"{magnification:g}x patches", base)
         mask = tissue_mask(slide, name, base, max_pixels)
         fractions = cell_tissue_fractions(mask, grid, step * mask.shape[1] / width, step * mask.shape[0] / height)
-        cells = [tuple(rc) for rc in np.argwhere(fractions >= min_tissue)]  # row-major order
-        chosen = _subsample(cells, max_patches, seed)
-        coordinates = [(int(round(c * step)), int(round(r * step))) for r, c in chosen]
-        patches = [_read_patch(slide, name, xy, step, patch) for xy in coordinates]
+        cells = [(int(r), int(c)) for r, c in np.argwhere(fractions >= min_tissue)]  # row-major order
     except ImageError:
         raise
     except Exception as err:
         raise ImageError(f"{name}: slide cannot be read ({short_reason(err)})") from None
     finally:
         slide.close()
-    return SlidePatches(patches, coordinates, float(magnification), base, grid, len(cells), name)
+    if not cells:
+        raise ImageError(f"{name}: no tissue found: none of the {grid[0] * grid[1]} patches of the {grid[0]}x{grid[1]} "
+                         f"grid at {magnification:g}x is {min_tissue:.0%} tissue (HSV saturation >= {SATURATION_MIN}, "
+                         f"value >= {VALUE_MIN})")  # fmt: skip
+    return SlidePlan(name, cells, step, grid, float(magnification), base, patch)
+
+
+def read_patches(plan: SlidePlan, cells: list[tuple[int, int]]) -> SlidePatches:
+    """The patches of `cells` (in the order given) as uint8 [patch, patch, 3] arrays."""
+    name, step = plan.source, plan.step
+    coordinates = [(int(round(c * step)), int(round(r * step))) for r, c in cells]
+    slide = _open(name)
+    try:
+        patches = [_read_patch(slide, name, xy, step, plan.patch) for xy in coordinates]
+    except ImageError:
+        raise
+    except Exception as err:
+        raise ImageError(f"{name}: slide cannot be read ({short_reason(err)})") from None
+    finally:
+        slide.close()
+    return SlidePatches(patches, coordinates, plan.magnification, plan.base_magnification, plan.grid_shape,
+                        len(plan.cells), name)  # fmt: skip
+
+
+MAX_LEVEL_OVERREAD = 4.0  # a read may come from a level at most this much finer than needed
+
+
+def _check_level(slide, name: str, downsample: float, what: str, base: float) -> None:
+    """A level close enough to `downsample` exists: reading a far finer one would take far more memory."""
+    level = slide.get_best_level_for_downsample(downsample)
+    have = slide.level_downsamples[level]
+    if downsample / have > MAX_LEVEL_OVERREAD:
+        levels = ", ".join(f"{base / d:g}x" for d in slide.level_downsamples)
+        raise ImageError(f"{name}: no pyramid level for {what} ({base / downsample:g}x): the nearest is {base / have:g}x, "
+                         f"{downsample / have:.0f}x finer (levels: {levels}); write the slide with a pyramid")  # fmt: skip
 
 
 def _open(name: str):
@@ -111,7 +216,10 @@ def tissue_mask(slide, name: str, base: float, max_pixels: int | None) -> np.nda
     level_size = slide.level_dimensions[level]
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if level_size[0] * level_size[1] * 3 > limit:
-        raise ImageError(f"{name}: the {level_size[0]}x{level_size[1]} level read for the tissue mask exceeds {limit:,} samples")
+        levels = ", ".join(f"{w}x{h}" for w, h in slide.level_dimensions)
+        raise ImageError(f"{name}: no pyramid level small enough for the {MASK_MAGNIFICATION:g}x tissue mask: the nearest, "
+                         f"{level_size[0]}x{level_size[1]}, exceeds {limit:,} samples (levels: {levels}); write the "
+                         "slide with a pyramid")  # fmt: skip
     region = slide.read_region((0, 0), level, level_size).convert("RGB")
     if region.size != size:
         region = region.resize(size, resample=Image.BILINEAR)
@@ -131,10 +239,10 @@ def cell_tissue_fractions(mask: np.ndarray, grid: tuple[int, int], step_x: float
     return np.divide(total, area, out=np.zeros_like(area), where=area > 0)
 
 
-def _subsample(cells: list, max_patches: int, seed: int) -> list:
+def _subsample(cells: list, max_patches: int, rng: np.random.Generator) -> list:
     if len(cells) <= max_patches:
         return cells
-    keep = np.sort(np.random.default_rng(seed).choice(len(cells), size=max_patches, replace=False))
+    keep = np.sort(rng.choice(len(cells), size=max_patches, replace=False))
     return [cells[i] for i in keep]
 
 

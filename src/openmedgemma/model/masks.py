@@ -37,8 +37,10 @@ def decoder_masks(
     q_pos [B, Tq] and k_pos [B, Tk] are absolute positions; q_block/k_block are image block ids
     (-1 for text); k_valid [B, Tk] marks real (non-padding, filled) keys.
     """
-    diff = q_pos[:, :, None] - k_pos[:, None, :]  # >= 0: key at or before the query
-    causal = diff >= 0
+    # boolean comparisons only: an int64 [B, Tq, Tk] difference would cost 8 bytes per query-key pair
+    # (512 MB for a 2048-token chunk over a 32k-token prompt)
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    causal = k <= q  # key at or before the query
     if q_block is not None and k_block is not None:
         same_image = (q_block[:, :, None] >= 0) & (q_block[:, :, None] == k_block[:, None, :])
         causal = causal | same_image
@@ -48,5 +50,5 @@ def decoder_masks(
     if FULL in kinds:
         masks[FULL] = causal[:, None]
     if SLIDING in kinds:
-        masks[SLIDING] = (causal & (diff < sliding_window))[:, None]
+        masks[SLIDING] = (causal & (k > q - sliding_window))[:, None]  # q - k < window
     return masks
