@@ -46,3 +46,9 @@ def engine(chat_dir):
     from openmedgemma.engine import Engine
 
     return Engine.from_pretrained(chat_dir)
+
+
+@pytest.fixture(scope="session")
+def pacsman_series(shared_data):
+    """The shared 128-slice synthetic MR series (file names not in slice order)."""
+    return shared_data / "dicom" / "pacsman_synthetic" / "dicomseries"

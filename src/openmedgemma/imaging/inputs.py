@@ -32,7 +32,6 @@ from openmedgemma.imaging.series import MAX_SLICES
 MAX_PATCHES = 126  # MedGemma 1.5: at most 126 patches per case
 PATCH_SIZE = 896
 DEFAULT_MAGNIFICATION = 10.0  # the official pathology notebook's level
-ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -57,15 +56,20 @@ def volume_content(
     max_slices: int = MAX_SLICES,
     series_uid: str | None = None,
     modality: str | None = None,
+    **read_options,
 ) -> list[dict]:
-    """Chat content items for a volume: [image, "SLICE 1", image, "SLICE 2", ...] (see the module doc).
+    """Chat content items for a volume: [image, "SLICE 1", image, "SLICE 2", ...] (see the module doc);
+    a 2-D image gives one image item, without a label.
 
     source: a DICOM series folder, a zip of one (path or bytes), a list of DICOM files, a multi-frame
     DICOM or NIfTI file (path or bytes), or a loaded MedicalImage. preset: CT window preset name
-    ("medgemma", "report-v4") or windows; series_uid picks one series of a folder or zip holding several;
-    modality fills in formats without one (e.g. "CT" for a NIfTI in Hounsfield units).
+    ("medgemma" by default, "report-v4"; ignored for other modalities) or explicit (low, high) windows;
+    series_uid picks one series of a folder or zip holding several; modality fills in formats without
+    one (e.g. "CT" for a NIfTI in Hounsfield units). read_options: those of `read_volume` (label,
+    max_pixels, zip caps), for sources a client sends.
     """
-    return volume_input(source, preset=preset, max_slices=max_slices, series_uid=series_uid, modality=modality).content
+    return volume_input(source, preset=preset, max_slices=max_slices, series_uid=series_uid, modality=modality,
+                        **read_options).content  # fmt: skip
 
 
 def volume_input(
@@ -75,17 +79,20 @@ def volume_input(
     max_slices: int = MAX_SLICES,
     series_uid: str | None = None,
     modality: str | None = None,
+    **read_options,
 ) -> PromptImages:
     """`volume_content` with the images, captions and summary (slice counts, preset) kept."""
     from openmedgemma.imaging.series import sample_slices, slice_items
     from openmedgemma.imaging.windowing import DEFAULT_CT_PRESET, to_rgb
 
-    if max_slices < 1:
-        raise ImageError(f"max_slices must be at least 1, got {max_slices}")
-    image = read_volume(source, series_uid=series_uid, modality=modality)
+    if isinstance(max_slices, bool) or not isinstance(max_slices, int) or max_slices < 1:
+        raise ImageError(f"max_slices must be a whole number of at least 1, got {max_slices!r}")
+    image = read_volume(source, series_uid=series_uid, modality=modality, **read_options)
     label = image.source
     summary: dict[str, Any] = {"kind": "volume", "source": label, "modality": image.modality or None}
     is_ct = image.modality == "CT" and not image.is_colour
+    if isinstance(preset, str) and not is_ct:
+        preset = None  # a CT preset names CT windows; other modalities keep their own rule (MR: min-max)
     summary["preset"] = (preset or DEFAULT_CT_PRESET) if is_ct and not _is_windows(preset) else None
     if image.warnings:
         summary["warnings"] = list(image.warnings)
@@ -102,35 +109,55 @@ def volume_input(
     return PromptImages(content, rgb, captions, summary, image.warnings)
 
 
-def read_volume(source, *, series_uid: str | None = None, modality: str | None = None) -> MedicalImage:
-    """A MedicalImage from any volume source `volume_content` takes (a 2-D image stays 2-D)."""
+def read_volume(
+    source,
+    *,
+    series_uid: str | None = None,
+    modality: str | None = None,
+    label: str | None = None,
+    max_pixels: int | None = None,
+    max_members: int | None = None,
+    max_bytes: int | None = None,
+) -> MedicalImage:
+    """A MedicalImage from any volume source `volume_content` takes (a 2-D image stays 2-D).
+
+    label: the name used in messages for bytes (default "<bytes>"); max_pixels: decoded samples cap
+    (sniff.DEFAULT_MAX_PIXELS); max_members / max_bytes: zip caps (imaging.archive's defaults)."""
+    from openmedgemma.imaging import archive
     from openmedgemma.imaging.loader import load_image
     from openmedgemma.imaging.series import load_series
 
     if isinstance(source, MedicalImage):
         return source
+    series = dict(series_uid=series_uid, max_pixels=max_pixels)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        if data[:4] == ZIP_MAGIC:
-            return _with_modality(load_series(data, series_uid=series_uid), modality)
-        return _single(load_image(data, modality=modality), "<bytes>", series_uid)
+        if archive.is_zip(data[:4]):
+            name = label or "<zip>"
+            members = archive.read_zip(data, label=name, max_members=max_members or archive.MAX_MEMBERS,
+                                       max_bytes=max_bytes or archive.MAX_BYTES)  # fmt: skip
+            return _with_modality(load_series(members, label=name, **series), modality)
+        image = load_image(data, modality=modality, max_pixels=max_pixels)
+        return _single(image, label or "<bytes>", series_uid)
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.exists():
             raise ImageError(f"{source}: no such file or folder")
         if path.is_dir() or _is_zip(path):
-            return _with_modality(load_series(path, series_uid=series_uid), modality)
-        return _single(load_image(path, modality=modality), str(source), series_uid)
+            return _with_modality(load_series(path, label=label, **series), modality)
+        return _single(load_image(path, modality=modality, max_pixels=max_pixels), str(source), series_uid)
     if isinstance(source, Sequence):
-        return _with_modality(load_series(list(source), series_uid=series_uid), modality)
+        return _with_modality(load_series(list(source), label=label, **series), modality)
     raise ImageError(f"a volume is a folder, a zip, a DICOM / NIfTI file, bytes or a MedicalImage, got {type(source).__name__}")
 
 
 def _is_zip(path: Path) -> bool:
+    from openmedgemma.imaging.archive import is_zip
+
     if not path.is_file():
         return False
     with open(path, "rb") as handle:
-        return handle.read(4) == ZIP_MAGIC
+        return is_zip(handle.read(4))
 
 
 def _single(image: MedicalImage, name: str, series_uid: str | None) -> MedicalImage:
@@ -198,7 +225,8 @@ def slides_input(
         "patches": len(images),
         "slides": [
             {"source": s.source, "patches": len(s.patches), "tissue_patches": s.tissue_patches,
-             "base_magnification": s.base_magnification, "grid": list(s.grid_shape)}
+             "base_magnification": s.base_magnification, "grid": list(s.grid_shape),
+             "coordinates": [list(xy) for xy in s.coordinates]}  # level-0 (x, y) of each patch
             for s in tiled
         ],
     }  # fmt: skip

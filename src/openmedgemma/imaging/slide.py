@@ -100,18 +100,19 @@ def tile_case(
 
 def allocate(available: list[int], total: int) -> list[int]:
     """Per stratum, how many to keep of `available` so that at most `total` are kept: all when they fit,
-    else shares proportional to `available` (largest remainders, ties to the earlier stratum), each at
-    least 1 and at most its `available`."""
+    else shares of `total` proportional to `available` (largest remainders, ties to the earlier stratum),
+    each at least 1 (taken back from the largest shares) and at most its `available`."""
     if sum(available) <= total:
         return list(available)
-    quotas = [min(1, n) for n in available]
-    spare = total - sum(quotas)
-    rest = [n - q for n, q in zip(available, quotas)]
-    exact = [spare * r / sum(rest) for r in rest]
-    quotas = [q + int(e) for q, e in zip(quotas, exact)]
+    exact = [total * n / sum(available) for n in available]
+    quotas = [min(n, max(1 if n else 0, int(e))) for n, e in zip(available, exact)]
+    while sum(quotas) > total:  # the at-least-one rule overshot
+        quotas[max(range(len(quotas)), key=lambda i: (quotas[i], -i))] -= 1
     order = sorted(range(len(available)), key=lambda i: (-(exact[i] - int(exact[i])), i))
-    for i in order[: total - sum(quotas)]:
-        quotas[i] += 1
+    while sum(quotas) < total:
+        for i in order:
+            if sum(quotas) < total and quotas[i] < available[i]:
+                quotas[i] += 1
     return quotas
 
 
