@@ -153,7 +153,7 @@ class Engine:
     tower; `vision_calls` counts the images the tower ran on. The defaults hold a full case (126 patches)
     at 4b in fp32 (2.6 MB per image).
     vision_batch: images per vision-tower call; its activation peak grows with it (at 896 px, SigLIP
-    so400m takes ~0.35 GB per image in fp32), not with the number of images in the prompt.
+    so400m takes ~0.1 GB per image and layer in bf16), not with the number of images in the prompt.
     Volumes, slide cases and multi-frame files in message content are expanded by
     `openmedgemma.imaging.inputs.expand_content` ({"type": "volume", ...}, {"type": "slides", ...}).
     """
