@@ -48,6 +48,7 @@ from openmedgemma.engine import KVCache  # noqa: E402
 NANO = ROOT / "models" / "medgemma-nano"
 INSTRUCTION = "You are reviewing the images below, each followed by its label. Review them carefully."
 QUESTION = "Describe the findings."
+APERIO = "Aperio Image Library |AppMag = 20|MPP = 0.5"
 TEXT = dict(vocab_size=4096, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=6,
             num_key_value_heads=3, head_dim=128, query_pre_attn_scalar=128, sliding_window=1024,
             max_position_embeddings=131072, rope_scaling={"rope_type": "linear", "factor": 8.0})  # fmt: skip
@@ -64,7 +65,8 @@ def write_checkpoint(folder: Path) -> None:
     nano = json.loads((NANO / "config.json").read_text())
     config = transformers.Gemma3Config(
         text_config={**{k: v for k, v in nano["text_config"].items() if k != "layer_types"}, **TEXT,
-                     "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2}, vision_config={**nano["vision_config"], **VISION},
+                     "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2},
+        vision_config={**nano["vision_config"], **VISION},
         mm_tokens_per_image=256, boi_token_index=nano["boi_token_index"], eoi_token_index=nano["eoi_token_index"],
         image_token_index=nano["image_token_index"],
     )  # fmt: skip
@@ -104,7 +106,7 @@ def write_case(folder: Path) -> list[Path]:
                 level = np.asarray(Image.fromarray(base).reduce(factor)) if factor > 1 else base
                 tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib", subfiletype=1 if index else 0,
                           resolution=(1e4 / (0.5 * factor),) * 2, resolutionunit="CENTIMETER",
-                          description="Aperio Image Library |AppMag = 20|MPP = 0.5" if index == 0 else None)  # fmt: skip
+                          description=APERIO if index == 0 else None)  # fmt: skip
         paths.append(path)
     return paths
 
@@ -176,7 +178,8 @@ def notebook_series(folder: Path, max_slices: int) -> list[np.ndarray]:
     keep = [int(round(i / max_slices * (n - 1))) for i in range(1, max_slices + 1)] if n > max_slices else range(n)
     volume = np.stack([ds.pixel_array.astype(np.float64) for ds in datasets])
     low, high = volume.min(), volume.max()
-    return [np.repeat(np.round((volume[i] - low) / (high - low) * 255).astype(np.uint8)[..., None], 3, -1) for i in keep]
+    gray = [np.round((volume[i] - low) / (high - low) * 255).astype(np.uint8) for i in keep]
+    return [np.repeat(g[..., None], 3, -1) for g in gray]
 
 
 STATE: dict = {}
@@ -234,28 +237,28 @@ def run_child(impl: str, case: str, folder: Path, source: str, args) -> dict:
 # ---------------------------------------------------------------------- 4b by calculation
 
 
-def four_b(tokens: dict[str, int], chunk: int = 2048, vision_batch: int = 8) -> dict:
+def four_b(tokens: dict[str, tuple[int, int]], chunk: int = 2048, vision_batch: int = 8) -> dict:
     """Bytes for the 4b shape in bf16 at these prompt lengths: KV cache, one prefill chunk's largest
     activations, the image features, and one vision-tower batch."""
     cfg: MedGemmaConfig = get_config("4b")
     text, vision = cfg.text, cfg.vision
     b = 2  # bf16
     out = {}
-    for case, length in tokens.items():
+    for case, (length, images) in tokens.items():
         kv = KVCache.nbytes_for(text, 1, length + 1, torch.bfloat16)
         masks = chunk * length + chunk * (text.sliding_window + chunk)  # bool: global + sliding layer masks
         mlp = chunk * text.intermediate_size * 2 * b  # gate and up
         qkv = chunk * (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim * b
-        sliding_kv = 2 * (text.sliding_window + chunk) * text.num_key_value_heads * text.head_dim * b  # ring + chunk copy
+        sliding_kv = 2 * (text.sliding_window + chunk) * text.num_key_value_heads * text.head_dim * b  # ring + chunk
         activations = masks + mlp + qkv + sliding_kv + 3 * chunk * text.hidden_size * 4  # residual, normed (fp32)
-        images = -(-length // (cfg.mm_tokens_per_image + 8))
         features = images * cfg.mm_tokens_per_image * text.hidden_size * b
-        out[case] = dict(prompt_tokens=length, kv_bytes=kv, chunk_activation_bytes=activations, feature_bytes=features,
+        out[case] = dict(prompt_tokens=length, images=images, kv_bytes=kv, chunk_activation_bytes=activations, feature_bytes=features,
                          unchunked_mask_bytes=length * length)  # fmt: skip
     patches = (vision.image_size // vision.patch_size) ** 2
     per_image = patches * (4 * vision.hidden_size + 2 * vision.intermediate_size) * b  # qkv + out, MLP and its gelu
     out["vision_batch"] = dict(images=vision_batch, bytes=vision_batch * per_image,
-                               pixels_uint8=3 * vision.image_size**2, pixels_fp32=12 * vision.image_size**2)  # fmt: skip
+                               pixels_uint8=3 * vision.image_size**2,
+                               pixels_fp32=12 * vision.image_size**2)  # fmt: skip
     return out
 
 
@@ -280,7 +283,8 @@ def main() -> None:
     if args.child:
         return child(args.child[0], args.child[1], Path(args.child[2]), args.child[3], args)
     print(f"machine: {machine()}; torch {torch.__version__}; threads {args.threads}; {datetime.date.today()}")
-    series = Path(os.environ.get("OPENMEDGEMMA_DATA", ROOT.parent / "shared" / "data")) / "dicom" / "pacsman_synthetic" / "dicomseries"
+    data = Path(os.environ.get("OPENMEDGEMMA_DATA", ROOT.parent / "shared" / "data"))
+    series = data / "dicom" / "pacsman_synthetic" / "dicomseries"
     report = dict(machine=machine(), torch=torch.__version__, date=str(datetime.date.today()), cases={})
     tokens = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -292,27 +296,31 @@ def main() -> None:
             mine = run_child("ours", case, folder, source, args)
             theirs = run_child("transformers", case, folder, source, args)
             assert mine["ids_hash"] == theirs["ids_hash"], "the two prompts differ"
-            tokens[case] = mine["prompt_tokens"]
+            tokens[case] = (mine["prompt_tokens"], args.slices if case == "volume" else args.patches)
             entry = dict(ours=mine, transformers=theirs, time_ratio=mine["seconds"] / theirs["seconds"],
-                         memory_ratio=mine["peak_rise"] / theirs["peak_rise"], same_first_token=mine["token"] == theirs["token"])  # fmt: skip
+                         memory_ratio=mine["peak_rise"] / theirs["peak_rise"],
+                         same_first_token=mine["token"] == theirs["token"])  # fmt: skip
             report["cases"][case] = entry
             n = args.slices if case == "volume" else args.patches
             print(f"\n{case}: {n} images, {mine['prompt_tokens']:,} prompt tokens (same ids on both sides); "
                   f"first token equal: {entry['same_first_token']}")  # fmt: skip
             for name, r in (("ours", mine), ("transformers", theirs)):
                 stages = ", ".join(f"{k} {v:.1f}s" for k, v in r["stages"].items())
-                print(f"  {name:12s} {r['seconds']:7.1f} s to first token, peak +{r['peak_rise'] / 2**30:.2f} GiB ({stages})")
+                print(f"  {name:12s} {r['seconds']:7.1f} s to first token, "
+                      f"peak +{r['peak_rise'] / 2**30:.2f} GiB ({stages})")
             print(f"  ours / transformers: time {entry['time_ratio']:.2f}, peak memory {entry['memory_ratio']:.2f}")
-    report["4b"] = calc = four_b(tokens or {"volume": 22_400, "slides": 33_000})
+    report["4b"] = calc = four_b(tokens)
     print("\n4b shape, bf16, by calculation (KVCache.nbytes_for; 2048-token prefill chunks):")
     for case in tokens:
         c = calc[case]
         print(f"  {case}: {c['prompt_tokens']:,} tokens: KV cache {c['kv_bytes'] / 2**30:.2f} GiB; activations of one "
-              f"chunk ~{c['chunk_activation_bytes'] / 2**20:.0f} MiB; image features {c['feature_bytes'] / 2**20:.0f} MiB; "
-              f"(an unchunked prefill's bool mask alone: {c['unchunked_mask_bytes'] / 2**30:.2f} GiB per layer type)")  # fmt: skip
+              f"chunk ~{c['chunk_activation_bytes'] / 2**20:.0f} MiB; image features "
+              f"{c['feature_bytes'] / 2**20:.0f} MiB (an unchunked prefill's bool mask alone: "
+              f"{c['unchunked_mask_bytes'] / 2**30:.2f} GiB per layer type)")  # fmt: skip
     v = calc["vision_batch"]
     print(f"  vision tower batch of {v['images']}: ~{v['bytes'] / 2**20:.0f} MiB of activations per layer; pixels held "
-          f"as uint8 {v['pixels_uint8'] / 2**20:.1f} MiB per image (fp32 {v['pixels_fp32'] / 2**20:.1f} MiB)")  # fmt: skip
+          f"as uint8 {v['pixels_uint8'] / 2**20:.1f} MiB per image "
+          f"(fp32 {v['pixels_fp32'] / 2**20:.1f} MiB)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

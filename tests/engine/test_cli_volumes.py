@@ -53,7 +53,8 @@ def test_ask_series_folder_and_zip(pacsman_series, series_zip, capsys):
     assert summary["modality"] == "MR" and summary["preset"] is None
     # the exact layout: instruction, 12 x (image, "SLICE n"), then the question
     items = volume_input(pacsman_series, max_slices=12).content
-    expected = [{"type": "text", "text": VOLUME_INSTRUCTION}, *items, {"type": "text", "text": "Which slices show the phantom?"}]
+    question = {"type": "text", "text": "Which slices show the phantom?"}
+    expected = [{"type": "text", "text": VOLUME_INSTRUCTION}, *items, question]
     assert folder["prompt_tokens"] == prompt_length(expected)
     zipped = ask_json(capsys, "--image", series_zip, "--max-slices", "12", "Which slices show the phantom?")
     assert zipped["inputs"][0]["slice_indices"] == summary["slice_indices"]

@@ -50,7 +50,8 @@ def test_series_folder_full_size_layout_in_patient_axis_order(pacsman_series, pa
     assert made.summary == {"kind": "volume", "source": str(pacsman_series), "modality": "MR", "preset": None,
                             "slices": 85, "total_slices": 128, "slice_indices": sample_indices(128)}  # fmt: skip
     # slice order follows ImagePositionPatient along the normal, not the file names (which are not in z order)
-    z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in pacsman_volume.source_files]
+    files = pacsman_volume.source_files
+    z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in files]
     picked = [z[i] for i in made.summary["slice_indices"]]
     assert picked == sorted(picked) and len(set(picked)) == 85
     assert made.captions == [f"SLICE {n}" for n in range(1, 86)]

@@ -18,8 +18,9 @@ from openmedgemma.errors import ImageError, OpenMedGemmaError
 CHAT_HELP = "commands: /image FILE (attach to your next message), /reset (forget the conversation), /quit"
 VOLUME_INSTRUCTION = ("The images below are the slices of one volume, in order along the patient axis, each "
                       "followed by its label SLICE n. Review them carefully.")  # fmt: skip
-SLIDES_INSTRUCTION = ("The images below are tissue patches of the whole-slide images of one case, in spatial order; "
-                      "with several slides, the patches of slide k follow the label SLIDE k. Review them carefully.")  # fmt: skip
+SLIDES_INSTRUCTION = ("The images below are tissue patches of the whole-slide images of one case, in spatial "
+                      "order; with several slides, the patches of slide k follow the label SLIDE k. "
+                      "Review them carefully.")  # fmt: skip
 
 
 def register(subparsers) -> None:
@@ -43,13 +44,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json, safetensors, "
                         "tokenizer.json); default: the bundled nano model")  # fmt: skip
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
-                        help="image to include (repeatable): PNG, JPEG, TIFF, DICOM, or a volume: a DICOM series "
-                        "folder, a zip of one, a multi-frame DICOM or a NIfTI (at most --max-slices slices)")  # fmt: skip
+                        help="image to include (repeatable): PNG, JPEG, TIFF, DICOM, or a volume: a DICOM "
+                        "series folder, a zip of one, a multi-frame DICOM or a NIfTI (at most --max-slices "
+                        "slices)")  # fmt: skip
     volume = parser.add_argument_group("volumes (--image)")
     volume.add_argument("--preset", help="CT window preset: medgemma (default) or report-v4")
     volume.add_argument("--max-slices", type=int, default=85, metavar="N", help="slices sampled from a volume "
                         "(default 85, MedGemma 1.5's limit)")  # fmt: skip
-    volume.add_argument("--series-uid", metavar="UID", help="SeriesInstanceUID to use when a folder or zip mixes series")
+    volume.add_argument("--series-uid", metavar="UID",
+                        help="SeriesInstanceUID to use when a folder or zip mixes series")  # fmt: skip
     volume.add_argument("--modality", help="modality of files without one (e.g. CT for a NIfTI in Hounsfield units)")
     slides = parser.add_argument_group("whole-slide images (--slide)")
     slides.add_argument("--slide", action="append", default=[], metavar="FILE",
@@ -59,7 +62,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     slides.add_argument("--max-patches", type=int, default=126, metavar="N",
                         help="patches in all, split across the slides (default 126, MedGemma 1.5's limit)")  # fmt: skip
     slides.add_argument("--patch-size", type=int, default=896, metavar="PX", help="patch side in pixels (default 896)")
-    slides.add_argument("--patch-seed", type=int, default=0, metavar="S", help="seed of the patch subsample (default 0)")
+    slides.add_argument("--patch-seed", type=int, default=0, metavar="S",
+                        help="seed of the patch subsample (default 0)")  # fmt: skip
     parser.add_argument("--instruction", metavar="TEXT", help="text put before a volume's or slides' images "
                         "(default: a short description of the layout; '' for none)")  # fmt: skip
     parser.add_argument("--system", metavar="TEXT", help="system instruction")
@@ -219,7 +223,8 @@ def _user(text: str, images: list[str], args, slides: list[str] | None = None) -
     content: list[dict] = [{"type": "volume", "volume": p, **options} for p in images]
     if slides:
         content.append({"type": "slides", "slides": list(slides), "magnification": args.magnification,
-                        "max_patches": args.max_patches, "patch_size": args.patch_size, "seed": args.patch_seed})  # fmt: skip
+                        "max_patches": args.max_patches, "patch_size": args.patch_size,
+                        "seed": args.patch_seed})  # fmt: skip
     instruction = args.instruction
     if instruction is None:
         parts = [VOLUME_INSTRUCTION] if any(is_volume_source(p) for p in images) else []

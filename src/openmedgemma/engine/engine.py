@@ -191,7 +191,8 @@ class Engine:
         if compile and not fast:
             raise OpenMedGemmaError("compile=True compiles the fast decoder; it needs fast=True")
         self.decoder = FastDecoder(model.language_model, compile=compile) if fast else False
-        self.image_cache_size, self.image_cache_bytes, self.vision_batch = image_cache_size, image_cache_bytes, vision_batch
+        self.image_cache_size, self.image_cache_bytes = image_cache_size, image_cache_bytes
+        self.vision_batch = vision_batch
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_nbytes = 0
         self.vision_calls = 0
@@ -296,8 +297,9 @@ class Engine:
         per = (length - rest) / count  # tokens per slice / patch, its label included
         fit = max(0, int((context - 1 - rest) // per))
         option = "max_slices / --max-slices" if unit == "slices" else "max_patches / --max-patches"
-        return OpenMedGemmaError(f"{source}: {count} {unit} make a prompt of {length:,} tokens but this model's context "
-                                 f"is {context:,}: at most {fit} {unit} fit (set {option} to {fit} or fewer)")  # fmt: skip
+        return OpenMedGemmaError(f"{source}: {count} {unit} make a prompt of {length:,} tokens but this model's "
+                                 f"context is {context:,}: at most {fit} {unit} fit (set {option} to {fit} "
+                                 "or fewer)")  # fmt: skip
 
     def _pixels(self, image) -> torch.Tensor:
         size = self.model.config.vision.image_size

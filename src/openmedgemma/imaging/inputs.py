@@ -148,7 +148,8 @@ def read_volume(
         return _single(load_image(path, modality=modality, max_pixels=max_pixels), str(source), series_uid)
     if isinstance(source, Sequence):
         return _with_modality(load_series(list(source), label=label, **series), modality)
-    raise ImageError(f"a volume is a folder, a zip, a DICOM / NIfTI file, bytes or a MedicalImage, got {type(source).__name__}")
+    raise ImageError("a volume is a folder, a zip, a DICOM / NIfTI file, bytes or a MedicalImage, "
+                     f"got {type(source).__name__}")
 
 
 def _is_zip(path: Path) -> bool:
@@ -326,11 +327,15 @@ def without_group(messages, source: str) -> list:
     for message in messages:
         content = message.get("content")
         if isinstance(content, Sequence) and not isinstance(content, str):
-            content = [i for i in content if not (isinstance(i, Mapping) and (i.get("group") or {}).get("source") == source)]
+            content = [i for i in content if not (isinstance(i, Mapping) and _source_of(i) == source)]
             if not content:
                 content = ""
         out.append({**message, "content": content})
     return out
+
+
+def _source_of(item: Mapping):
+    return (item.get("group") or {}).get("source")
 
 
 def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], tile: int | None = None) -> np.ndarray:

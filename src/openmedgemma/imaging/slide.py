@@ -91,7 +91,8 @@ def tile_case(
     if not paths:
         raise ImageError("a slide case needs at least one slide file")
     if max_patches < len(paths):
-        raise ImageError(f"max_patches {max_patches} is fewer than the {len(paths)} slides of the case (one patch each at least)")
+        raise ImageError(f"max_patches {max_patches} is fewer than the {len(paths)} slides of the case "
+                         "(one patch each at least)")
     plans = [plan_slide(p, magnification, patch, min_tissue=min_tissue, max_pixels=max_pixels) for p in paths]
     quotas = allocate([len(plan.cells) for plan in plans], max_patches)
     return [read_patches(plan, _subsample(plan.cells, quota, np.random.default_rng([seed, index])))
@@ -139,7 +140,8 @@ def plan_slide(
         step = patch * base / magnification  # patch footprint in level-0 pixels
         grid = (int(height // step), int(width // step))
         if grid[0] == 0 or grid[1] == 0:
-            raise ImageError(f"{name}: {width}x{height} slide is smaller than one {patch}px patch at {magnification:g}x")
+            raise ImageError(f"{name}: {width}x{height} slide is smaller than one {patch}px patch "
+                             f"at {magnification:g}x")
         _check_level(slide, name, step / patch, f"{magnification:g}x patches", base)
         mask = tissue_mask(slide, name, base, max_pixels)
         fractions = cell_tissue_fractions(mask, grid, step * mask.shape[1] / width, step * mask.shape[0] / height)
@@ -183,8 +185,9 @@ def _check_level(slide, name: str, downsample: float, what: str, base: float) ->
     have = slide.level_downsamples[level]
     if downsample / have > MAX_LEVEL_OVERREAD:
         levels = ", ".join(f"{base / d:g}x" for d in slide.level_downsamples)
-        raise ImageError(f"{name}: no pyramid level for {what} ({base / downsample:g}x): the nearest is {base / have:g}x, "
-                         f"{downsample / have:.0f}x finer (levels: {levels}); write the slide with a pyramid")  # fmt: skip
+        raise ImageError(f"{name}: no pyramid level for {what} ({base / downsample:g}x): the nearest is "
+                         f"{base / have:g}x, {downsample / have:.0f}x finer (levels: {levels}); write the slide "
+                         "with a pyramid")  # fmt: skip
 
 
 def _open(name: str):
@@ -218,9 +221,9 @@ def tissue_mask(slide, name: str, base: float, max_pixels: int | None) -> np.nda
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if level_size[0] * level_size[1] * 3 > limit:
         levels = ", ".join(f"{w}x{h}" for w, h in slide.level_dimensions)
-        raise ImageError(f"{name}: no pyramid level small enough for the {MASK_MAGNIFICATION:g}x tissue mask: the nearest, "
-                         f"{level_size[0]}x{level_size[1]}, exceeds {limit:,} samples (levels: {levels}); write the "
-                         "slide with a pyramid")  # fmt: skip
+        raise ImageError(f"{name}: no pyramid level small enough for the {MASK_MAGNIFICATION:g}x tissue mask: "
+                         f"the nearest, {level_size[0]}x{level_size[1]}, exceeds {limit:,} samples (levels: {levels}); "
+                         "write the slide with a pyramid")  # fmt: skip
     region = slide.read_region((0, 0), level, level_size).convert("RGB")
     if region.size != size:
         region = region.resize(size, resample=Image.BILINEAR)
