@@ -240,3 +240,10 @@ def test_zip_in_memory_never_touches_disk(pacsman_zip, tmp_path, monkeypatch):
     data = io.BytesIO(pacsman_zip.read_bytes()).getvalue()
     assert len(volume_content(data, max_slices=2)) == 4
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mixed_modalities_in_one_series(write_ct, tmp_path):
+    write_ct("a.dcm", InstanceNumber=1, ImagePositionPatient=[0, 0, 0])
+    write_ct("b.dcm", InstanceNumber=2, ImagePositionPatient=[0, 0, 1], Modality="MR")
+    with pytest.raises(ImageError, match=r"b.dcm: modality 'MR' differs from the series' 'CT'"):
+        volume_content(tmp_path)
