@@ -23,3 +23,7 @@ class ImageError(OpenMedGemmaError):
 
 class DataError(OpenMedGemmaError):
     """A dataset folder or file is missing or not in the expected format."""
+
+
+class PacsError(OpenMedGemmaError):
+    """A DICOMweb store cannot be reached, refuses the request, or does not hold what was asked."""
