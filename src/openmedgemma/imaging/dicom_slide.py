@@ -63,8 +63,9 @@ def open_folder_slide(folder: str | Path) -> DicomSlide:
         raise ImageError(f"{name}: not a readable DICOM whole-slide image folder ({short_reason(err)})") from None
 
 
-def open_web_slide(client, study_uid: str, series_uid: str, name: str) -> DicomSlide:
-    """The DICOM WSI of one series on a DICOMweb store (`client`: a dicomweb_client DICOMwebClient).
+def open_web_slide(client, study_uid: str, series_uid: str, name: str, transfer_syntax: str | None = None) -> DicomSlide:
+    """The DICOM WSI of one series on a DICOMweb store (`client`: a dicomweb_client DICOMwebClient), its
+    tiles asked for in `transfer_syntax` (the stored one, when known), else in wsidicom's preferred one.
 
     HTTP errors propagate for the caller to name (imaging.dicomweb); anything else is an ImageError."""
     import requests
@@ -74,7 +75,8 @@ def open_web_slide(client, study_uid: str, series_uid: str, name: str) -> DicomS
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return DicomSlide(WsiDicom.open_web(WsiDicomWebClient(client), study_uid, series_uid), name)
+        wsi = WsiDicom.open_web(WsiDicomWebClient(client), study_uid, series_uid, transfer_syntax)
+        return DicomSlide(wsi, name)
     except requests.RequestException:
         raise
     except Exception as err:

@@ -97,6 +97,7 @@ class DicomWebSource:
         self.cache = cache
         self.bytes_received = 0
         self.requests_made = 0
+        self._last_content_type = ""
         session = _session(url, token, username, password, self.timeout, retries)
         try:
             self.client = DICOMwebClient(_strip_userinfo(url).rstrip("/"), session=session, callback=self._count)
@@ -107,6 +108,7 @@ class DicomWebSource:
     def _count(self, response, *args, **kwargs):
         self.requests_made += 1
         self.bytes_received += len(response.content)  # answers are read whole (no streaming here)
+        self._last_content_type = response.headers.get("Content-Type", "")
         return response
 
     # ------------------------------------------------------------------ QIDO-RS
@@ -204,7 +206,30 @@ class DicomWebSource:
         study_uid, series_uid = check_uid(study_uid, "study UID"), check_uid(series_uid, "series UID")
         name = f"{self.url}/studies/{study_uid}/series/{series_uid}"
         with self._errors(f"studies/{study_uid}/series/{series_uid}"):
-            return open_web_slide(self.client, study_uid, series_uid, name)
+            syntax = self._stored_frame_syntax(study_uid, series_uid, name)
+            return open_web_slide(self.client, study_uid, series_uid, name, syntax)
+
+    def _stored_frame_syntax(self, study_uid: str, series_uid: str, name: str) -> str | None:
+        """The transfer syntax the slide's tiles are stored in, read from the answer to one frame asked for
+        "as stored" (transfer-syntax=*). Asking wsidicom for it avoids a server-side transcoding (lossless
+        tiles turned into lossy JPEG, or a server that cannot encode the codec wsidicom would prefer)."""
+        import requests
+
+        found = self.client.search_for_instances(study_uid, series_uid, fields=["SOPClassUID", "SOPInstanceUID"])
+        if not found:
+            raise PacsError(f"{name}: no such series on the server")
+        from openmedgemma.imaging.dicom_slide import WSI_SOP_CLASS
+
+        slide_instances = [_text(item, SOP_UID) for item in found if _text(item, SOP_CLASS) == WSI_SOP_CLASS]
+        if not slide_instances:
+            return None  # wsidicom says what is wrong with the series
+        try:
+            self.client.retrieve_instance_frames(study_uid, series_uid, slide_instances[0], [1],
+                                                 media_types=(("application/octet-stream", "*"),))  # fmt: skip
+        except requests.HTTPError:
+            return None  # a server that cannot answer "as stored": let wsidicom negotiate
+        match = re.search(r"transfer-syntax=\"?([0-9.]+)", self._last_content_type)
+        return match.group(1) if match else None
 
     # ------------------------------------------------------------------ errors
 
