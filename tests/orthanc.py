@@ -91,6 +91,7 @@ class Orthanc:
     def start(self, attempts: int = 3, wait_s: float = 30.0) -> Orthanc:
         import requests
 
+        self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(attempts):  # another process may take the free port between probe and bind
             self.port = _free_port()
             log = open(self.folder / "orthanc.log", "wb")
