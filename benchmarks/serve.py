@@ -59,6 +59,7 @@ def build_checkpoint(config: str, folder: Path) -> Path:
 
     data = json.loads((nano / "config.json").read_text())
     data["text_config"].update(SHAPE_130M, max_position_embeddings=4096)
+    data["text_config"].pop("layer_types", None)  # 12 layers: derived again (5 sliding : 1 global)
     torch.manual_seed(0)
     model = MedGemma(from_hf_config(data))
     model.save_pretrained(folder)
