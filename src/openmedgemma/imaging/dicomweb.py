@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ class DicomWebSource:
         self.cache = cache
         self.bytes_received = 0
         self.requests_made = 0
-        self._last_content_type = ""
+        self._last = threading.local()  # the Content-Type of this thread's last answer (a server shares the store)
         session = _session(url, token, username, password, self.timeout, retries)
         try:
             self.client = DICOMwebClient(_strip_userinfo(url).rstrip("/"), session=session, callback=self._count)
@@ -108,7 +109,7 @@ class DicomWebSource:
     def _count(self, response, *args, **kwargs):
         self.requests_made += 1
         self.bytes_received += len(response.content)  # answers are read whole (no streaming here)
-        self._last_content_type = response.headers.get("Content-Type", "")
+        self._last.content_type = response.headers.get("Content-Type", "")
         return response
 
     # ------------------------------------------------------------------ QIDO-RS
@@ -228,7 +229,7 @@ class DicomWebSource:
                                                  media_types=(("application/octet-stream", "*"),))  # fmt: skip
         except requests.HTTPError:
             return None  # a server that cannot answer "as stored": let wsidicom negotiate
-        match = re.search(r"transfer-syntax=\"?([0-9.]+)", self._last_content_type)
+        match = re.search(r"transfer-syntax=\"?([0-9.]+)", getattr(self._last, "content_type", ""))
         return match.group(1) if match else None
 
     # ------------------------------------------------------------------ errors
@@ -284,7 +285,8 @@ def _raw_bytes(ds, name: str) -> bytes:
 
 def _load_options(options: dict) -> dict:
     """The options of study_content that shape what is loaded (the rest shape the prompt)."""
-    return {key: options.pop(key) for key in ("magnification", "max_patches", "patch", "seed") if key in options}
+    keys = ("magnification", "max_patches", "patch", "seed", "max_pixels")
+    return {key: options.pop(key) for key in keys if key in options}
 
 
 def _session(url: str, token, username, password, timeout: float, retries: int):

@@ -35,8 +35,10 @@ class StudyInput:
 
 
 def load_study(store, study_uid: str, series_uid: str | None = None, *, magnification: float = DEFAULT_MAGNIFICATION,
-               max_patches: int = 126, patch: int = 896, seed: int = 0) -> StudyInput:  # fmt: skip
-    """Fetch a study (or one series of it) from `store` (an imaging.dicomweb.DicomWebSource)."""
+               max_patches: int = 126, patch: int = 896, seed: int = 0,
+               max_pixels: int | None = None) -> StudyInput:  # fmt: skip
+    """Fetch a study (or one series of it) from `store` (an imaging.dicomweb.DicomWebSource); `max_pixels`
+    caps the decoded samples of each image or volume (as for files)."""
     from openmedgemma.imaging.dicomweb import check_uid
 
     study_uid = check_uid(study_uid, "study UID")
@@ -59,7 +61,7 @@ def load_study(store, study_uid: str, series_uid: str | None = None, *, magnific
 
         slide = store.open_slide(study_uid, series[0].series_uid)
         try:
-            tiles = tile_slide(slide, magnification, max_patches, patch, seed)
+            tiles = tile_slide(slide, magnification, max_patches, patch, seed, max_pixels=max_pixels)
         finally:
             slide.close()
         return StudyInput("slide", label, patches=tiles)
@@ -67,10 +69,10 @@ def load_study(store, study_uid: str, series_uid: str | None = None, *, magnific
     if kinds[0] == "volume":
         from openmedgemma.imaging.series import load_series
 
-        volume = load_series(members, label=label)
+        volume = load_series(members, label=label, max_pixels=max_pixels)
         if volume.frames > 1:
             return StudyInput("volume", label, volume=volume)
-    return StudyInput("images", label, images=_images(members))
+    return StudyInput("images", label, images=_images(members, max_pixels))
 
 
 def _kind(series) -> str:
@@ -79,7 +81,7 @@ def _kind(series) -> str:
     return "volume" if series.modality in VOLUME_MODALITIES else "images"
 
 
-def _images(members: list[tuple[str, bytes]]) -> list[MedicalImage]:
+def _images(members: list[tuple[str, bytes]], max_pixels: int | None = None) -> list[MedicalImage]:
     """Each instance through load_image, ordered by SeriesNumber then InstanceNumber (then name)."""
     from openmedgemma.imaging.dicom_io import read_dataset
     from openmedgemma.imaging.loader import load_image
@@ -87,7 +89,7 @@ def _images(members: list[tuple[str, bytes]]) -> list[MedicalImage]:
     keyed = []
     for name, data in members:
         try:
-            image = load_image(data)
+            image = load_image(data, max_pixels=max_pixels)
         except ImageError as err:  # load_image names bytes "<bytes>": name the instance's URL path instead
             raise ImageError(str(err).replace("<bytes>", name, 1)) from None
         header = read_dataset(data)
@@ -118,6 +120,24 @@ def study_content(study: StudyInput, question: str, *, instruction: str | None =
 
     items = [{"type": "image", "image": to_rgb(image, preset) if preset else image} for image in study.images]
     return items + [{"type": "text", "text": question}]
+
+
+def study_items(study: StudyInput, preset=None) -> list[dict]:
+    """Image items without instruction or question (the server's layout for a request's image part): each
+    image as RGB; a volume's <= 85 sampled slices each followed by "SLICE n"; slide patches in spatial order."""
+    from openmedgemma.imaging.series import sample_slices
+    from openmedgemma.imaging.windowing import to_rgb
+
+    if study.kind == "slide":
+        return [{"type": "image", "image": patch} for patch in study.patches.patches]
+    if study.kind == "images":
+        return [{"type": "image", "image": to_rgb(image, preset if image.modality == "CT" else None)}
+                for image in study.images]  # fmt: skip
+    volume = sample_slices(study.volume)
+    items = []
+    for number, rgb in enumerate(to_rgb(volume, preset if volume.modality == "CT" else None), start=1):
+        items += [{"type": "image", "image": rgb}, {"type": "text", "text": f"SLICE {number}"}]
+    return items
 
 
 def volume_content(volume: MedicalImage, question: str, *, instruction: str | None = None, preset=None,

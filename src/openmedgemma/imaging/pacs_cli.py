@@ -20,7 +20,8 @@ from pathlib import Path
 
 from openmedgemma.errors import ImageError, PacsError
 
-TOKEN_ENV, USER_ENV, PASSWORD_ENV = "OPENMEDGEMMA_DICOMWEB_TOKEN", "OPENMEDGEMMA_DICOMWEB_USER", "OPENMEDGEMMA_DICOMWEB_PASSWORD"
+TOKEN_ENV = "OPENMEDGEMMA_DICOMWEB_TOKEN"
+USER_ENV, PASSWORD_ENV = "OPENMEDGEMMA_DICOMWEB_USER", "OPENMEDGEMMA_DICOMWEB_PASSWORD"
 CREDENTIALS_HELP = (f"Credentials come from ${TOKEN_ENV} (bearer token), or ${USER_ENV} and ${PASSWORD_ENV} "
                     "(basic authentication). Patient IDs and names are printed only with --show-patient.")  # fmt: skip
 
@@ -84,14 +85,12 @@ def _add_once(group, flag: str, **kwargs) -> None:
 
 
 def source_from_args(args):
-    """The DicomWebSource the --dicomweb options name, after checking --study is there."""
+    """The DicomWebSource the --dicomweb options name (credentials from the environment)."""
     from openmedgemma.imaging.dicomweb import DicomWebSource
     from openmedgemma.imaging.dicomweb_cache import InstanceCache
 
-    if getattr(args, "study", None) is None and args.command != "dicomweb":
-        raise PacsError("--dicomweb needs --study UID (list them with: openmedgemma dicomweb studies --dicomweb URL)")
     cache = None
-    if args.dicomweb_cache:
+    if getattr(args, "dicomweb_cache", None):
         cache = InstanceCache(args.dicomweb_cache, max_bytes=int(args.dicomweb_cache_size * (1 << 20)))
     return DicomWebSource(args.dicomweb, token=os.environ.get(TOKEN_ENV) or None,
                           username=os.environ.get(USER_ENV) or None, password=os.environ.get(PASSWORD_ENV),
@@ -102,11 +101,17 @@ def load_args_study(args):
     """The StudyInput (imaging.pacs) that --dicomweb / --study / --series name."""
     from openmedgemma.imaging.pacs import load_study
 
+    _require_study(args)
     store = source_from_args(args)
     options = {}
     if hasattr(args, "magnification"):
         options = {"magnification": args.magnification, "max_patches": args.max_patches}
     return load_study(store, args.study, args.series, **options)
+
+
+def _require_study(args) -> None:
+    if args.study is None:
+        raise PacsError("--dicomweb needs --study UID (list them with: openmedgemma dicomweb studies --dicomweb URL)")
 
 
 def study_turn(args, question: str) -> dict:
@@ -136,7 +141,8 @@ def run_studies(args) -> int:
     found = store.studies(patient_id=args.patient, modality=args.modality, date=args.date, limit=args.limit)
     for study in found:
         row = {"study_uid": study.study_uid, "date": study.date, "modalities": list(study.modalities),
-               "series": study.series_count, "instances": study.instance_count, "description": study.description}  # fmt: skip
+               "series": study.series_count, "instances": study.instance_count,
+               "description": study.description}  # fmt: skip
         if args.show_patient:
             row.update(patient_id=study.patient_id, patient_name=study.patient_name)
         if args.json:
@@ -207,6 +213,7 @@ def run_deid_dicomweb(args) -> int:
 
     if args.source is None or args.target is not None:
         raise ImageError("deid --dicomweb takes one OUT folder (deid --dicomweb URL --study UID OUT)")
+    _require_study(args)
     target = Path(args.source)
     if target.exists() and not target.is_dir():
         raise ImageError(f"{target}: exists and is not a folder")

@@ -36,6 +36,7 @@ class ServerConfig:
     max_images: int = 128  # per request, after series expansion (85 slices fit)
     max_tokens_cap: int | None = None  # None: the model's context
     media: MediaLimits = field(default_factory=MediaLimits)
+    dicomweb: Any = None  # the imaging.dicomweb.DicomWebSource of `serve --dicomweb URL`, or None
     drain_seconds: float = 120.0
 
 

@@ -41,6 +41,12 @@ def register(subparsers) -> None:
     serve.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     serve.add_argument("--int8", action="store_true", help="int8 weight-only decoder (as `ask --int8`)")
+    serve.add_argument("--dicomweb", metavar="URL",
+                       help="a DICOMweb store (PACS) whose studies requests may name as image_url "
+                       "'dicomweb:studies/UID[/series/UID]'; credentials from $OPENMEDGEMMA_DICOMWEB_TOKEN or "
+                       "$OPENMEDGEMMA_DICOMWEB_USER / $OPENMEDGEMMA_DICOMWEB_PASSWORD")  # fmt: skip
+    serve.add_argument("--dicomweb-timeout", type=float, default=30.0, metavar="S",
+                       help="seconds to wait for the DICOMweb store (default 30)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=run_serve)
 
@@ -56,7 +62,7 @@ def run_serve(args) -> int:
     # request ids, sizes and timings; never prompt text or pixels (uvicorn's access log only at debug)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     config = ServerConfig(api_key=args.api_key or None, max_body_bytes=args.max_body_mb << 20,
-                          max_tokens_cap=args.max_tokens)  # fmt: skip
+                          max_tokens_cap=args.max_tokens, dicomweb=_dicomweb(args))  # fmt: skip
     state = ServerState(config)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -67,6 +73,16 @@ def run_serve(args) -> int:
     print(f"openmedgemma serve: listening on http://{shown}:{port}", flush=True)
     server.run(sockets=[sock])
     return 0
+
+
+def _dicomweb(args):
+    """The store of --dicomweb (credentials from the environment), or None."""
+    if not args.dicomweb:
+        return None
+    from openmedgemma.imaging.pacs_cli import source_from_args
+
+    args.dicomweb_cache = None  # a server keeps no patient data on disk
+    return source_from_args(args)
 
 
 def load(state, args) -> None:
