@@ -85,22 +85,6 @@ def open_web_slide(client, study_uid: str, series_uid: str, name: str, transfer_
         quiet.setLevel(level)
 
 
-def is_wsi_folder(path: str | Path) -> bool:
-    """A folder whose first DICOM file is a VL Whole Slide Microscopy image."""
-    import pydicom
-
-    from openmedgemma.imaging.dicom_io import sop_class_uid
-    from openmedgemma.imaging.sniff import sniff_format
-
-    for file in sorted(Path(path).iterdir()):
-        try:
-            if file.is_file() and sniff_format(file) == "dicom":
-                return str(sop_class_uid(pydicom.dcmread(file, stop_before_pixels=True))) == WSI_SOP_CLASS
-        except Exception:
-            continue
-    return False
-
-
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 
 
