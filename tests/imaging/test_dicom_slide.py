@@ -3,6 +3,9 @@ from the local DICOM folder and from a real Orthanc (started once for this modul
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pydicom
 import pytest
@@ -15,13 +18,21 @@ from tests.imaging.test_slide import BACKGROUND, TISSUE, write_slide
 from tests.orthanc import PASSWORD, USER, Orthanc, require_orthanc
 
 
+CONVERT = """
+import sys
+from wsidicom.codec import JpegLosslessSettings
+from wsidicomizer import WsiDicomizer
+from wsidicomizer.sources import TiffSlideSource
+
+WsiDicomizer.convert(sys.argv[1], sys.argv[2], preferred_source=TiffSlideSource, tile_size=256,
+                     encoding=JpegLosslessSettings(), include_label=False, include_overview=False,
+                     include_thumbnail=False)
+"""
+
+
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     """(TIFF path, DICOM WSI folder, base RGB array): 20x, 2048 x 1536, tissue in x [512, 1536), y [256, 1280)."""
-    from wsidicom.codec import JpegLosslessSettings
-    from wsidicomizer import WsiDicomizer
-    from wsidicomizer.sources import TiffSlideSource
-
     folder = tmp_path_factory.mktemp("wsi")
     base = np.empty((1536, 2048, 3), dtype=np.uint8)
     base[:] = BACKGROUND
@@ -29,9 +40,9 @@ def slides(tmp_path_factory):
     base[256:1280, 512:1536] += np.random.default_rng(0).integers(0, 20, (1024, 1024, 3), dtype=np.uint8)
     tiff = folder / "slide.tif"
     write_slide(tiff, base)
-    WsiDicomizer.convert(tiff, folder / "dicom", preferred_source=TiffSlideSource, tile_size=256,
-                         encoding=JpegLosslessSettings(), include_label=False, include_overview=False,
-                         include_thumbnail=False)  # fmt: skip
+    # in a child process: importing wsidicomizer turns on pydicom's v4 "future" behaviour process-wide,
+    # under which pydicom 3's pixel_array no longer works for the rest of the test session
+    subprocess.run([sys.executable, "-c", CONVERT, str(tiff), str(folder / "dicom")], check=True, timeout=300)
     return tiff, folder / "dicom", base
 
 

@@ -226,7 +226,10 @@ def run_deid_dicomweb(args) -> int:
     mapper, written = UIDMapper(), 0
     for item in series:
         for name, data in store.series_members(args.study, item.series_uid):
-            ds = read_dataset(data)
+            try:
+                ds = read_dataset(data)
+            except ImageError as err:  # read_dataset calls bytes "<bytes>": name the instance's URL path
+                raise ImageError(str(err).replace("<bytes>", name, 1)) from None
             sop = str(ds.get("SOPInstanceUID", "") or f"{written + 1}")
             out = target / mapper(item.series_uid) / f"{mapper(sop)}.dcm"
             deidentify_to(ds, name, out, mapper, allow_burned_in=args.allow_burned_in)
