@@ -246,12 +246,27 @@ def test_undecodable_instance_is_named_by_its_url(store):
         store.study_content(BROKEN_STUDY, QUESTION)
 
 
+def test_a_partial_series_is_an_error_not_a_smaller_volume(store):
+    class Dropping:  # the real store, except that its retrieval loses one instance on the way
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def series_members(self, study_uid, series_uid):
+            return store.series_members(study_uid, series_uid)[1:]
+
+    with pytest.raises(PacsError, match=rf"series/{PACSMAN_SERIES}: the server sent 127 of the 128 instances"):
+        load_study(Dropping(), PACSMAN_STUDY)
+
+
 @pytest.fixture
 def html_server():
-    """A web server on 127.0.0.1 that answers every request with an HTML page: not a DICOMweb store."""
+    """A web server on 127.0.0.1 that answers every request with an HTML page: not a DICOMweb store.
+    The Authorization headers it received are in `html_server.seen`."""
+    seen = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
             body = b"<html><body>Welcome</body></html>"
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
@@ -265,18 +280,23 @@ def html_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", seen
     server.shutdown()
     server.server_close()
 
 
 def test_server_answering_something_else_than_dicom(html_server):
-    store = DicomWebSource(html_server, timeout=5)
+    url, seen = html_server
+    store = DicomWebSource(url, timeout=5, token="t0ken")
     with pytest.raises(PacsError, match=r"/dicom-web/studies: the server's answer is not DICOM"):
         store.studies()
     with pytest.raises(PacsError, match=rf"/studies/{PACSMAN_STUDY}/series/{PACSMAN_SERIES}: the server's answer is "
                                         "not DICOM"):  # fmt: skip
         store.series_members(PACSMAN_STUDY, PACSMAN_SERIES)
+    # credentials in the URL are sent as basic authentication, and never appear in messages
+    with pytest.raises(PacsError, match=r"^http://127\.0\.0\.1:\d+/dicom-web/studies: "):
+        DicomWebSource(url.replace("http://", "http://ann:pw@"), timeout=5).studies()
+    assert seen[:2] == ["Bearer t0ken", "Bearer t0ken"] and seen[-1] == "Basic YW5uOnB3"  # ann:pw
 
 
 def test_unreachable_and_silent_servers_fail_fast():
