@@ -216,11 +216,11 @@ class DicomWebSource:
         tiles turned into lossy JPEG, or a server that cannot encode the codec wsidicom would prefer)."""
         import requests
 
+        from openmedgemma.imaging.dicom_slide import WSI_SOP_CLASS
+
         found = self.client.search_for_instances(study_uid, series_uid, fields=["SOPClassUID", "SOPInstanceUID"])
         if not found:
             raise PacsError(f"{name}: no such series on the server")
-        from openmedgemma.imaging.dicom_slide import WSI_SOP_CLASS
-
         slide_instances = [_text(item, SOP_UID) for item in found if _text(item, SOP_CLASS) == WSI_SOP_CLASS]
         if not slide_instances:
             return None  # wsidicom says what is wrong with the series
