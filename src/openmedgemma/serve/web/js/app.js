@@ -10,7 +10,7 @@ const ui = {
   attach: $("attach"), fileInput: $("file-input"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
   regenerate: $("regenerate"), dropOverlay: $("drop-overlay"), model: $("model"), apiKey: $("api-key"),
   apiKeyHelp: $("api-key-help"), systemPrompt: $("system-prompt"), temperature: $("temperature"),
-  maxTokens: $("max-tokens"), ctPreset: $("ct-preset"), showThinking: $("show-thinking"),
+  maxTokens: $("max-tokens"), seed: $("seed"), ctPreset: $("ct-preset"), showThinking: $("show-thinking"),
 };
 
 const state = { conversations: [], active: null, pending: [], models: [] };
@@ -192,7 +192,9 @@ function renderPending() {
 function settings() {
   const temperature = parseFloat(ui.temperature.value);
   const maxTokens = parseInt(ui.maxTokens.value, 10);
-  return { model: ui.model.value, system: ui.systemPrompt.value.trim(), temperature, maxTokens, ctPreset: ui.ctPreset.value };
+  const seed = parseInt(ui.seed.value, 10);
+  return { model: ui.model.value, system: ui.systemPrompt.value.trim(), temperature, maxTokens, seed,
+    ctPreset: ui.ctPreset.value };
 }
 
 function userContent(message) {
@@ -219,6 +221,7 @@ function buildRequest(conversation, s) {
   if (s.model) request.model = s.model;
   if (Number.isFinite(s.temperature)) request.temperature = s.temperature;
   if (Number.isFinite(s.maxTokens)) request.max_tokens = s.maxTokens;
+  if (Number.isFinite(s.seed)) request.seed = s.seed;
   return request;
 }
 
