@@ -10,8 +10,8 @@ Answer: {"object": "openmedgemma.preview", "png": "data:image/png;base64,...", "
 "width": W, "height": H, "caption": "..."}. One image comes back at its native size (before the
 model's resize to 896); a series or multi-frame volume comes back as the `openmedgemma preview`
 contact sheet of its sampled slices in SLICE order, each tile shrunk to at most TILE_MAX pixels a
-side so that 85 slices stay a small PNG. Bad input raises the media module's OpenMedGemmaError,
-which the app answers with an OpenAI-shaped 400.
+side so that 85 slices stay a small PNG. Bad input raises the media module's MediaError, which the
+app answers with an OpenAI-shaped 400. The app includes this router with its API-key dependency.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import base64
 import io
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+
+from openmedgemma.serve.app import APIError
 
 TILE_MAX = 256  # pixels per side of one slice in a contact sheet
 
@@ -43,11 +45,15 @@ class PreviewResponse(BaseModel):
 
 
 @router.post("/v1/preview", response_model=PreviewResponse)
-def preview(body: PreviewRequest) -> PreviewResponse:
+def preview(body: PreviewRequest, request: Request) -> PreviewResponse:
     # A plain def: FastAPI runs it in its thread pool, so decoding never blocks the event loop.
+    from openmedgemma.imaging.windowing import PRESETS
     from openmedgemma.serve.media import content_from_image_url
 
-    content = content_from_image_url(body.image_url, preset=body.ct_preset, field="image_url")
+    if body.ct_preset is not None and body.ct_preset not in PRESETS:
+        raise APIError(400, f"ct_preset {body.ct_preset!r} is unknown; choose one of {sorted(PRESETS)}", "ct_preset")
+    limits = request.app.state.server.config.media  # the chat endpoint's caps (pixels, zip members and bytes)
+    content = content_from_image_url(body.image_url, preset=body.ct_preset, field="image_url", limits=limits)
     images = [item["image"] for item in content if item.get("type") == "image"]
     height, width = images[0].shape[:2]
     if len(images) == 1:

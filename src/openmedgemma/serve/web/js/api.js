@@ -49,6 +49,16 @@ export async function listModels() {
   return body.data || [];
 }
 
+// GET /health (no key needed): null when ready, else the server's reason (loading, or why loading failed).
+export async function health() {
+  try {
+    await call("health");
+    return null;
+  } catch (err) {
+    return err.message;
+  }
+}
+
 export async function preview(imageUrl, ctPreset) {
   const body = JSON.stringify({ image_url: imageUrl, ct_preset: ctPreset });
   return (await call("v1/preview", { method: "POST", body })).json();

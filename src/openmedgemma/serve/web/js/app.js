@@ -25,6 +25,16 @@ async function loadModels() {
     ui.model.replaceChildren(...state.models.map((m) => new Option(m.id, m.id)));
     if (state.models.some((m) => m.id === previous)) ui.model.value = previous;
     ui.apiKeyHelp.textContent = "Kept in this tab's memory only.";
+    if (!state.models.length) {  // the list fills once the server has loaded its models
+      const problem = await api.health();
+      if (problem && !problem.startsWith("loading failed")) {
+        ui.notice.textContent = "The server is still loading the model...";
+        setTimeout(loadModels, 1000);
+        return;
+      }
+      ui.notice.textContent = problem ? `The server has no model: ${problem}` : "The server serves no chat model.";
+      return;
+    }
     updateNotice();
   } catch (err) {
     if (err.status === 503) {
@@ -42,9 +52,8 @@ async function loadModels() {
 
 function updateNotice() {
   const model = state.models.find((m) => m.id === ui.model.value);
-  if (!model) {
-    ui.notice.textContent = "The server lists no chat model.";
-  } else if (model.openmedgemma?.bundled_nano) {
+  if (!model) return;
+  if (model.openmedgemma?.bundled_nano) {
     ui.notice.textContent = `${model.id} is a tiny demonstration model bundled with openmedgemma: `
       + "its answers are not medically meaningful.";
   } else {
