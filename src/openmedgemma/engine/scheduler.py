@@ -293,7 +293,7 @@ class Scheduler:
             seq.last_token_at = now
             seq.last_token = token
             lps = [logprobs[i]] if i in logprobs else None
-            if token in self.stop_ids:
+            if token in self.stop_ids and not seq.request.ignore_eos:
                 seq.text.ids.append(token)
                 self._finish(seq, STOP_TOKEN, logprobs=lps)
             elif seq.text.push(token):

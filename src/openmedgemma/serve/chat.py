@@ -45,7 +45,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     conversation = await run_in_threadpool(_conversation, body, state, functions, forced)
     prompt = await run_in_threadpool(engine.prepare, conversation)
     configs = _configs(body, len(prompt.ids), scheduler.max_model_len, state.config.max_tokens_cap)
-    run = _Run(state, prompt, configs, body.top_logprobs or 0 if body.logprobs else None)
+    run = _Run(state, prompt, configs, body.top_logprobs or 0 if body.logprobs else None, body.ignore_eos)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     log.info("%s: %d prompt tokens, %d image(s), n=%d, stream=%s", rid, len(prompt.ids), len(prompt.pixels),
              body.n, body.stream)  # fmt: skip
@@ -66,8 +66,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 class _Run:
     """The n sequences of one request and their events, handed from the scheduler thread to asyncio."""
 
-    def __init__(self, state: ServerState, prompt, configs: list[GenerationConfig], logprobs: int | None):
+    def __init__(self, state: ServerState, prompt, configs: list[GenerationConfig], logprobs: int | None,
+                 ignore_eos: bool = False):  # fmt: skip
         self.state, self.prompt, self.configs, self.logprobs = state, prompt, configs, logprobs
+        self.ignore_eos = ignore_eos
         self.queue: asyncio.Queue = asyncio.Queue()
         self.requests: list[EngineRequest] = []
         self.texts = [""] * len(configs)
@@ -80,7 +82,7 @@ class _Run:
             def deliver(event, i=i):
                 loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
 
-            request = EngineRequest(self.prompt, config, deliver, logprobs=self.logprobs)
+            request = EngineRequest(self.prompt, config, deliver, logprobs=self.logprobs, ignore_eos=self.ignore_eos)
             try:
                 self.state.scheduler.submit(request)
             except OpenMedGemmaError:
