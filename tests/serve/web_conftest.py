@@ -58,7 +58,7 @@ class Server:
 
 
 def start_server(*extra: str, timeout: float = 180.0) -> Server:
-    """`openmedgemma serve --port 0` (bundled nano) in a subprocess; returns once it prints its URL."""
+    """`openmedgemma serve --port 0` (bundled nano) in a subprocess; returns once /health says ready."""
     log = Path(tempfile.mkstemp(prefix="openmedgemma-serve-", suffix=".log")[1])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("OPENMEDGEMMA_API_KEY", None)
@@ -84,7 +84,18 @@ def start_server(*extra: str, timeout: float = 180.0) -> Server:
         process.kill()
         process.wait()
         pytest.fail(f"openmedgemma serve did not start: stdout {lines!r}, stderr:\n{log.read_text()[-3000:]}")
-    return Server(url=url[0], process=process, log=log, stdout=lines)
+    server = Server(url=url[0], process=process, log=log, stdout=lines)
+    deadline = time.monotonic() + timeout  # the socket is bound before the models load: wait for /health
+    while True:
+        try:
+            urllib.request.urlopen(server.url + "/health", timeout=5).close()
+            return server
+        except OSError:  # 503 (HTTPError) while loading, or not answering yet
+            if process.poll() is not None or time.monotonic() > deadline:
+                stderr = log.read_text()[-3000:]
+                stop_server(server)
+                pytest.fail(f"openmedgemma serve never became healthy:\n{stderr}")
+            time.sleep(0.2)
 
 
 def stop_server(server: Server) -> None:
@@ -154,7 +165,7 @@ def new_page(browser, server: Server) -> tuple[object, Page]:
 def web(browser, web_server):
     context, handle = new_page(browser, web_server)
     handle.open()
-    handle.page.wait_for_selector("#model option")
+    handle.page.wait_for_selector("#model option", state="attached")
     yield handle
     context.close()
     assert not handle.errors, f"JavaScript errors on the page: {handle.errors}"

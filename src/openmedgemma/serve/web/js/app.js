@@ -336,6 +336,9 @@ function wire() {
     api.setApiKey(ui.apiKey.value);
     loadModels();
   });
+  ui.apiKey.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") ui.apiKey.dispatchEvent(new Event("change"));
+  });
   ui.showThinking.addEventListener("change", () => {
     document.body.classList.toggle("show-thinking", ui.showThinking.checked);
   });
