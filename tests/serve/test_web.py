@@ -55,6 +55,20 @@ def settings(page, *, temperature: str = "0", seed: str = "", max_tokens: str = 
     page.fill("#max-tokens", max_tokens)
 
 
+def drop_file(page, name: str, data: bytes, mime: str = "") -> None:
+    """Drags a file onto the page and drops it, as from a file manager (which gives DICOM no type)."""
+    transfer = page.evaluate_handle("""([name, b64, mime]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, {type: mime}));
+        return transfer;
+    }""", [name, base64.b64encode(data).decode(), mime])
+    page.dispatch_event("#messages", "dragenter", {"dataTransfer": transfer})
+    assert page.is_visible("#drop-overlay")
+    page.dispatch_event("#messages", "drop", {"dataTransfer": transfer})
+    assert page.is_hidden("#drop-overlay")
+
+
 def watch_answers(page) -> None:
     """Records (state, text length) of the last answer at every DOM change, to see it stream in."""
     page.evaluate("""() => {
@@ -127,7 +141,7 @@ def test_cxr_question_streams_answer_with_preview(web):
 
 def test_dicom_ct_preview_follows_the_preset(web):
     page = web.page
-    page.set_input_files("#file-input", str(CT))
+    drop_file(page, "CT_small.dcm", CT.read_bytes())
     preview = page.locator("#attachments img.preview")
     page.wait_for_selector("#attachments img.preview:not([hidden])")
     medgemma = png_pixels(preview.get_attribute("src"))
@@ -213,14 +227,17 @@ def test_xss_payloads_stay_inert(web):
     page.route("**/v1/chat/completions", lambda route: route.fulfill(
         status=200, headers={"Content-Type": "text/event-stream"}, body=body))
     page.click("#regenerate")
-    page.wait_for_selector(".message.assistant[data-state='done'] .thinking")
-    page.click(".message.assistant .thinking summary")  # open the thinking block too
+    thinking = page.wait_for_selector(".message.assistant[data-state='done'] .thinking")
+    assert thinking.get_attribute("open") is None  # collapsed until asked for
+    page.click(".message.assistant .thinking summary")  # open it: its Markdown is rendered too
     for link in page.locator(".message a").all():
         link.click(no_wait_after=True)
     page.wait_for_timeout(300)
     assert page.evaluate("window.__xss") is None
-    assert page.locator(f":is(#messages, #attachments) :is({DANGEROUS})").count() == 0
+    assert page.locator(f"body :is({DANGEROUS})").count() == 0  # messages, file names, conversation titles
     assert "click me" in page.inner_text(".message.assistant .answer")
+    page.uncheck("#show-thinking")
+    assert not thinking.is_visible()
     sources = page.eval_on_selector_all("img.preview", "images => images.map(i => i.getAttribute('src'))")
     assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
 
