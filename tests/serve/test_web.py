@@ -1,8 +1,9 @@
 """The web page served by `openmedgemma serve`, in headless Chromium (Debian's) against a real nano server.
 
 One server and one browser per module; each test opens the page in a fresh browser context (empty
-storage). The nano model's words are meaningless: the tests check the page's behaviour, and pick
-sampling seeds whose answers are long enough to watch them stream (see SEEDS).
+storage). The page's Content-Security-Policy forbids eval, so waits go through locators (`expect`),
+not `wait_for_function` strings. The nano model's words are meaningless: the tests check the page's
+behaviour, and pick sampling seeds whose answers are long enough to watch them stream (see SEEDS).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import expect
 
 from tests.serve.web_conftest import (  # noqa: F401  (fixtures)
     EXAMPLES, REPO_ROOT, browser, corrupt_dicom, ct_series_zip, new_page, start_server, stop_server, web,
@@ -147,8 +149,7 @@ def test_dicom_ct_preview_follows_the_preset(web):
     medgemma = png_pixels(preview.get_attribute("src"))
     assert medgemma.shape == (128, 128, 3)
     page.select_option("#ct-preset", "report-v4")
-    page.wait_for_function("src => document.querySelector('#attachments img.preview').src !== src",
-                           arg=preview.get_attribute("src"))
+    expect(preview).not_to_have_attribute("src", preview.get_attribute("src"))
     report_v4 = png_pixels(preview.get_attribute("src"))
     # The presets differ only in the R window (-1024..1024 vs -1225..1025 HU); G and B are the same.
     assert not np.array_equal(medgemma[..., 0], report_v4[..., 0])
@@ -280,13 +281,24 @@ def test_api_key_is_asked_for_and_used(browser):
     server.api_key = "s3cret-key"
     context, web = new_page(browser, server)
     try:
-        web.open()  # the page itself needs no key
+        import urllib.error
+        import urllib.request
+
+        for path in ("/", "/static/js/app.js", "/static/vendor/purify.min.js"):  # the page needs no key
+            with urllib.request.urlopen(server.url + path, timeout=10) as response:
+                assert response.status == 200
+        request = urllib.request.Request(server.url + "/v1/preview", data=b'{"image_url": "data:,"}',
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the API behind it does
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+        web.open()
         page = web.page
-        page.wait_for_function("document.getElementById('notice').innerText.includes('API key')")
+        expect(page.locator("#notice")).to_contain_text("needs an API key")
         assert page.locator("#model option").count() == 0
         page.fill("#api-key", "wrong")
         page.press("#api-key", "Enter")
-        page.wait_for_function("document.getElementById('api-key-help').innerText.includes('refused')")
+        expect(page.locator("#api-key-help")).to_contain_text("refused")
         page.fill("#api-key", "s3cret-key")
         page.press("#api-key", "Enter")
         page.wait_for_selector("#model option", state="attached")
