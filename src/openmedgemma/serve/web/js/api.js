@@ -72,7 +72,13 @@ export async function* streamChat(request, signal) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    let value, done;
+    try {
+      ({ value, done } = await reader.read());
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      throw new ApiError(`the connection to the server broke mid-answer (${err.message})`, 0);
+    }
     if (done) return;
     buffer += value;
     let end;

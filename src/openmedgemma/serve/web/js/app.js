@@ -243,8 +243,10 @@ async function send() {
   ui.prompt.value = "";
   renderPending();
   conversation.messages.push({ role: "user", text, attachments });
+  conversation.controller = new AbortController();  // busy from now: one answer at a time
   renderConversations();
-  await Promise.all(attachments.map((a) => a.ready));
+  renderMessages();
+  await Promise.all(attachments.map((a) => a.ready));  // files still being read or previewed
   await answer(conversation);
 }
 
@@ -253,7 +255,7 @@ async function answer(conversation) {
   const request = buildRequest(conversation, s);
   const message = { role: "assistant", text: "", reasoning: "", state: "streaming", chunks: 0, model: s.model };
   conversation.messages.push(message);
-  conversation.controller = new AbortController();
+  conversation.controller ??= new AbortController();
   if (conversation === state.active) renderMessages();
   try {
     for await (const delta of api.streamChat(request, conversation.controller.signal)) {
@@ -301,6 +303,7 @@ function regenerate() {
   const conversation = state.active;
   if (conversation.controller || conversation.messages.at(-1)?.role !== "assistant") return;
   conversation.messages.pop();
+  conversation.controller = new AbortController();
   answer(conversation);
 }
 

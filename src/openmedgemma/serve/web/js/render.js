@@ -86,6 +86,7 @@ export function messageView(message) {
 // open/closed state, and only the parts that changed are re-parsed.
 export function fillAssistant(box, message) {
   box.dataset.state = message.state;
+  box.setAttribute("aria-busy", String(message.state === "streaming"));  // screen readers wait for the end
   box.dataset.chunks = String(message.chunks || 0);
   let thinking = box.querySelector(".thinking");
   if (message.reasoning && !thinking) {
