@@ -94,6 +94,12 @@ def test_page_loads_offline_with_notice_and_labelled_controls(web, web_server):
     assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == ["medgemma-nano"]
     # Everything the page loaded came from our server: no CDN, no web font.
     assert web.requests and all(url.startswith(web_server.url + "/") for url in web.requests), web.requests
+    # The browser is told so too: scripts only from here, none inline, no eval, no outside images.
+    import urllib.request
+
+    with urllib.request.urlopen(web_server.url + "/", timeout=10) as response:
+        policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "unsafe" not in policy and "img-src 'self' data: blob:;" in policy
     # Every control has an accessible name (a <label>, aria-label or its text).
     unnamed = page.evaluate("""() => [...document.querySelectorAll('button, input, select, textarea')]
         .filter(e => !((e.labels && e.labels.length) || e.getAttribute('aria-label') || e.textContent.trim()))
