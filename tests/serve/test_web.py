@@ -210,6 +210,11 @@ def test_corrupt_dicom_shows_a_readable_error(web):
     error = page.wait_for_selector(".message.assistant[data-state='error'] [role='alert']")
     assert "pixel data" in error.inner_text()
     assert page.is_enabled("#send") and page.is_enabled("#regenerate")
+    # The failed exchange is left out of the next request, so the conversation goes on.
+    page.fill("#prompt", "Is the heart enlarged?")
+    page.click("#send")
+    page.wait_for_selector(".message.assistant:nth-of-type(4)[data-state='done']", timeout=60_000)
+    assert page.locator(".message.assistant[data-state='error']").count() == 1
 
 
 def test_xss_payloads_stay_inert(web):

@@ -213,16 +213,20 @@ function userContent(message) {
   return parts;
 }
 
-// The OpenAI request for the whole conversation so far. A failed answer leaves two user turns in
-// a row; they are merged, since Gemma's chat format alternates user and model turns.
+// The OpenAI request for the whole conversation so far. An exchange whose answer failed (a corrupt
+// image, a prompt over the context...) is left out, or every later question would fail the same way;
+// Regenerate, right after it, retries it. A stopped empty answer leaves two user turns in a row:
+// they are merged, since Gemma's chat format alternates user and model turns.
 function buildRequest(conversation, s) {
   const messages = s.system ? [{ role: "system", content: s.system }] : [];
-  for (const message of conversation.messages) {
+  const turns = conversation.messages;
+  for (const [index, message] of turns.entries()) {
+    if (message.role === "user" && turns[index + 1]?.state === "error") continue;
     const previous = messages.at(-1);
     if (message.role === "user") {
       if (previous?.role === "user") previous.content.push(...userContent(message));
       else messages.push({ role: "user", content: userContent(message) });
-    } else if (message.text) {
+    } else if (message.text && message.state !== "error") {
       messages.push({ role: "assistant", content: message.text });
     }
   }

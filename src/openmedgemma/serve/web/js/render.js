@@ -104,6 +104,7 @@ export function fillAssistant(box, message) {
   if (message.state === "streaming") footer.textContent = "answering...";
   else if (message.state === "stopped") footer.textContent = "stopped";
   else if (message.state === "done" && message.finish === "length") footer.textContent = "cut at max tokens";
+  else if (message.state === "error") footer.textContent = "this exchange is left out of the conversation";
   if (message.model) footer.append(element("span", "model-name", ` ${message.model}`));
   box.append(footer);
   if (message.error) {
