@@ -1,7 +1,7 @@
 """The web page served by `openmedgemma serve`, in headless Chromium (Debian's) against a real nano server.
 
 One server and one browser per module; each test opens the page in a fresh browser context (empty
-storage). The page's Content-Security-Policy forbids eval, so waits go through locators (`expect`),
+storage). The page's Content-Security-Policy forbids eval, so waits go through selectors and `expect`,
 not `wait_for_function` strings. The nano model's words are meaningless: the tests check the page's
 behaviour, and pick sampling seeds whose answers are long enough to watch them stream (see SEEDS).
 """
@@ -151,11 +151,11 @@ def test_dicom_ct_preview_follows_the_preset(web):
     page = web.page
     drop_file(page, "CT_small.dcm", CT.read_bytes())
     preview = page.locator("#attachments img.preview")
-    page.wait_for_selector("#attachments img.preview:not([hidden])")
+    page.wait_for_selector("#attachments img.preview[data-preset='medgemma']")
     medgemma = png_pixels(preview.get_attribute("src"))
     assert medgemma.shape == (128, 128, 3)
     page.select_option("#ct-preset", "report-v4")
-    expect(preview).not_to_have_attribute("src", preview.get_attribute("src"))
+    page.wait_for_selector("#attachments img.preview[data-preset='report-v4']")
     report_v4 = png_pixels(preview.get_attribute("src"))
     # The presets differ only in the R window (-1024..1024 vs -1225..1025 HU); G and B are the same.
     assert not np.array_equal(medgemma[..., 0], report_v4[..., 0])
@@ -306,11 +306,11 @@ def test_api_key_is_asked_for_and_used(browser):
         assert refused.value.code == 401
         web.open()
         page = web.page
-        expect(page.locator("#notice")).to_contain_text("needs an API key")
+        expect(page.locator("#notice")).to_contain_text("needs an API key", timeout=30_000)
         assert page.locator("#model option").count() == 0
         page.fill("#api-key", "wrong")
         page.press("#api-key", "Enter")
-        expect(page.locator("#api-key-help")).to_contain_text("refused")
+        expect(page.locator("#api-key-help")).to_contain_text("refused", timeout=30_000)
         page.fill("#api-key", "s3cret-key")
         page.press("#api-key", "Enter")
         page.wait_for_selector("#model option", state="attached")

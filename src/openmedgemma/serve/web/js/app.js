@@ -177,9 +177,10 @@ async function refreshPreview(attachment) {
   attachment.error = null;
   renderPending();
   try {
-    const preview = await api.preview(attachment.url, ui.ctPreset.value);
+    const preset = ui.ctPreset.value;
+    const preview = await api.preview(attachment.url, preset);
     if (attachment.request !== request) return;
-    attachment.preview = preview;
+    attachment.preview = { ...preview, preset };
   } catch (err) {
     if (attachment.request !== request) return;
     attachment.preview = null;

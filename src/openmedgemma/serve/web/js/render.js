@@ -3,7 +3,8 @@
 /* global marked, DOMPurify */
 
 // Elements a chat answer has no use for: images and embeds would make the browser fetch URLs
-// chosen by the model (the CSP blocks them too), forms and styles could imitate the page.
+// chosen by the model (the CSP blocks them too); forms, styles, classes and ids could imitate or
+// restyle the page's own controls and notices.
 const FORBID_TAGS = ["img", "picture", "video", "audio", "source", "iframe", "object", "embed",
   "form", "input", "button", "textarea", "select", "style", "link", "meta", "base", "svg", "math"];
 
@@ -16,7 +17,7 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
 
 export function markdownToSafeHtml(text) {
   const html = marked.parse(text, { gfm: true, breaks: true, async: false });
-  return DOMPurify.sanitize(html, { FORBID_TAGS, FORBID_ATTR: ["style"] });
+  return DOMPurify.sanitize(html, { FORBID_TAGS, FORBID_ATTR: ["style", "class", "id"] });
 }
 
 const renderedSource = new WeakMap();  // node -> the Markdown it shows, to skip unchanged parts
@@ -40,7 +41,10 @@ export function attachmentView(attachment, onRemove) {
   const image = element("img", "preview");
   image.alt = `What the model sees for ${attachment.name}`;
   image.hidden = !attachment.preview;
-  if (attachment.preview) image.src = attachment.preview.png;
+  if (attachment.preview) {
+    image.src = attachment.preview.png;
+    image.dataset.preset = attachment.preview.preset;  // the CT preset it was rendered with
+  }
   image.addEventListener("click", () => image.classList.toggle("expanded"));
   box.append(image);
   const caption = element("figcaption");
@@ -98,8 +102,13 @@ export function fillAssistant(box, message) {
   let answer = box.querySelector(".answer");
   if (!answer) box.append(answer = element("div", "markdown answer"));
   setMarkdown(answer, message.text);
-  box.querySelector(".meta")?.remove();
-  box.querySelector(".error")?.remove();
+  box.querySelector(":scope > .meta")?.remove();
+  box.querySelector(":scope > .error")?.remove();
+  if (message.error) {
+    const error = element("p", "error", message.error);
+    error.setAttribute("role", "alert");
+    box.append(error);
+  }
   const footer = element("div", "meta");
   if (message.state === "streaming") footer.textContent = "answering...";
   else if (message.state === "stopped") footer.textContent = "stopped";
@@ -107,9 +116,4 @@ export function fillAssistant(box, message) {
   else if (message.state === "error") footer.textContent = "this exchange is left out of the conversation";
   if (message.model) footer.append(element("span", "model-name", ` ${message.model}`));
   box.append(footer);
-  if (message.error) {
-    const error = element("p", "error", message.error);
-    error.setAttribute("role", "alert");
-    box.append(error);
-  }
 }
