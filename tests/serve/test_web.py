@@ -324,6 +324,31 @@ def test_api_key_is_asked_for_and_used(browser):
         stop_server(server)
 
 
+def post_preview(server, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(server.url + "/v1/preview", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_preview_endpoint_answers_and_refuses_as_the_api_does(web_server):
+    ct = "data:application/dicom;base64," + base64.b64encode(CT.read_bytes()).decode()
+    status, body = post_preview(web_server, {"image_url": ct, "ct_preset": "report-v4"})
+    assert status == 200 and (body["images"], body["width"], body["height"]) == (1, 128, 128)
+    status, body = post_preview(web_server, {"image_url": ct, "ct_preset": "bone"})
+    assert status == 400 and body["error"]["param"] == "ct_preset" and "report-v4" in body["error"]["message"]
+    status, body = post_preview(web_server, {"image_url": "https://example.org/x.png"})
+    assert status == 400 and "only data: URIs" in body["error"]["message"]
+    status, body = post_preview(web_server, {"ct_preset": "medgemma"})
+    assert status == 400 and body["error"]["param"] == "image_url"
+
+
 def test_preset_choices_match_the_imaging_presets():
     from openmedgemma.imaging.windowing import PRESETS
 
