@@ -187,7 +187,7 @@ class Scheduler:
             if budget <= 0:
                 break
         if self.observer is not None:
-            self.observer.step(running=len(self.running), waiting=len(self.waiting) + len(self.prefilling))
+            self.observer.step(running=self.active, waiting=len(self.waiting), batch=len(self.running))
 
     # ------------------------------------------------------------------ prefill
 

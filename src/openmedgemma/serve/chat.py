@@ -109,15 +109,18 @@ class _Run:
 
     async def wait(self, request: Request) -> list[Finished]:
         """All choices' final events; cancels them if the client disconnects first."""
+        checked = time.monotonic()
         while not self.done:
             try:
                 i, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                self.record(i, event)
             except asyncio.TimeoutError:
+                pass
+            if time.monotonic() - checked >= 0.5:  # also while tokens keep coming
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     self.cancel()
-                    raise APIError(499, "client disconnected", None, "client_closed", "server_error") from None
-                continue
-            self.record(i, event)
+                    raise APIError(499, "client disconnected", None, "client_closed", "server_error")
         return self.finals  # type: ignore[return-value]
 
     def usage(self) -> Usage:
