@@ -10,6 +10,7 @@ import pytest
 from openmedgemma.engine import GenerationConfig
 from openmedgemma.engine.scheduler import ContextTooLong, QueueFull, Scheduler
 from openmedgemma.engine.sequences import Finished, Request
+from openmedgemma.errors import OpenMedGemmaError
 
 CXR = str(Path(__file__).resolve().parents[2] / "examples" / "cxr_nih_00000001_000.png")
 QUESTIONS = ["Is there cardiomegaly?", "What organ is shown?", "Is the liver normal?", "Describe the image.",
@@ -156,3 +157,10 @@ def test_context_and_queue_limits(engine):
         scheduler.submit(Request(prompt, GenerationConfig(max_new_tokens=4), print))
     with pytest.raises(QueueFull, match="limit 1"):
         scheduler.submit(Request(prompt, GenerationConfig(max_new_tokens=4), print))
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(engine):
+    with pytest.raises(OpenMedGemmaError, match=r"the KV cache for 100000 rows x 2048 tokens needs .* GiB but .* GiB "
+                                                r"are free; lower --max-batch or --max-model-len"):
+        Scheduler(engine, max_batch=100_000)
+    assert Scheduler(engine, max_batch=2).max_model_len == 2048  # nano's context, under the 8192 default cap

@@ -143,11 +143,13 @@ def create_app(state: ServerState, *, loader=None) -> FastAPI:
             for m in state.models.values()
         ])  # fmt: skip
 
-    from openmedgemma.serve import chat, embeddings
+    from openmedgemma.serve import chat, embeddings, page, preview
 
     api.include_router(chat.router)
     api.include_router(embeddings.router)
+    api.include_router(preview.router)  # POST /v1/preview: what the model sees (the web page's)
     app.include_router(api)
+    page.mount_page(app)  # the web page at / (no key needed to load it; it holds no data)
     return app
 
 

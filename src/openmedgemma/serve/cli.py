@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import socket
 
 from openmedgemma.errors import OpenMedGemmaError
+
+log = logging.getLogger("openmedgemma.serve")
 
 
 def register(subparsers) -> None:
@@ -31,7 +34,8 @@ def register(subparsers) -> None:
     serve.add_argument("--max-queue", type=int, default=256, metavar="N",
                        help="requests waiting beyond the batch before 503 (default 256)")
     serve.add_argument("--max-model-len", type=int, default=None, metavar="N",
-                       help="prompt + answer tokens per sequence (default: the model's context); sizes the KV cache")
+                       help="prompt + answer tokens per sequence (default: the model's context, at most 8192); "
+                       "every batch row holds this many, so it sizes the KV cache")
     serve.add_argument("--max-tokens", type=int, default=None, metavar="N", help="cap on a request's max_tokens")
     serve.add_argument("--prefill-budget", type=int, default=512, metavar="N",
                        help="prompt tokens prefilled per scheduler step (smaller: smoother streams)")
@@ -57,8 +61,6 @@ def run_serve(args) -> int:
     from openmedgemma.serve.app import ServerConfig, ServerState, create_app
 
     _check_host(args.host, args.api_key)
-    import logging
-
     # request ids, sizes and timings; never prompt text or pixels (uvicorn's access log only at debug)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     config = ServerConfig(api_key=args.api_key or None, max_body_bytes=args.max_body_mb << 20,
@@ -103,6 +105,8 @@ def load(state, args) -> None:
     state.scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue,
                                 max_model_len=args.max_model_len, prefill_budget=args.prefill_budget,
                                 prefix_cache_bytes=args.prefix_cache_mb << 20, observer=state.metrics).start()  # fmt: skip
+    log.info("KV cache: %d rows x %d tokens = %.2f GiB (--max-batch, --max-model-len)", args.max_batch,
+             state.scheduler.max_model_len, state.scheduler.kv_bytes / 2**30)  # fmt: skip
     nano = Path(chat_path).resolve() == nano_path("medgemma").resolve()
     name = args.served_model_name or Path(chat_path).resolve().name
     state.models[name] = ServedModel(name, "chat", str(chat_path), nano)
