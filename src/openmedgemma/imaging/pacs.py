@@ -65,7 +65,7 @@ def load_study(store, study_uid: str, series_uid: str | None = None, *, magnific
         finally:
             slide.close()
         return StudyInput("slide", label, patches=tiles)
-    members = [m for s in series for m in store.series_members(study_uid, s.series_uid)]
+    members = [m for s in series for m in _complete_members(store, study_uid, s, study_label)]
     if kinds[0] == "volume":
         from openmedgemma.imaging.series import load_series
 
@@ -73,6 +73,15 @@ def load_study(store, study_uid: str, series_uid: str | None = None, *, magnific
         if volume.frames > 1:
             return StudyInput("volume", label, volume=volume)
     return StudyInput("images", label, images=_images(members, max_pixels))
+
+
+def _complete_members(store, study_uid: str, series, study_label: str) -> list[tuple[str, bytes]]:
+    """The series' instances, all of them: fewer than QIDO-RS counted is an error, not a partial answer."""
+    members = store.series_members(study_uid, series.series_uid)
+    if series.instance_count is not None and len(members) < series.instance_count:
+        raise PacsError(f"{study_label}/series/{series.series_uid}: the server sent {len(members)} of the "
+                        f"{series.instance_count} instances its search lists; not answering on part of a series")
+    return members
 
 
 def _kind(series) -> str:
