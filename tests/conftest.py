@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import in_ci
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,7 @@ def shared_data() -> Path:
     path = find_shared_data()
     if path is None:
         reason = "shared data not found: set $OPENMEDGEMMA_DATA or place it at ../shared/data"
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail(reason + " (CI=true: this is a failure, not a skip)")
         pytest.skip(reason)
     return path
