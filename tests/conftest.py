@@ -35,3 +35,14 @@ def shared_data() -> Path:
             pytest.fail(reason + " (CI=true: this is a failure, not a skip)")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture
+def no_network():
+    """Network calls other than loopback fail and are recorded (see tests/netguard.py); the test fails at teardown
+    if any was tried. Yields the guard: `no_network.attempts` lists what was tried."""
+    from tests.netguard import network_blocked
+
+    with network_blocked() as guard:
+        yield guard
+    assert not guard.attempts, f"network calls were attempted: {guard.attempts}"
