@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from openmedgemma.checkpoint import Checkpoint
+from openmedgemma.config import read_hf_config
 from openmedgemma.errors import CheckpointError
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -39,11 +40,10 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 
 
 def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
-    """True where the CPU multiplies bf16 in hardware (AMX-BF16 or AVX-512-BF16)."""
+    """True where the CPU multiplies bf16 in hardware (AMX-BF16 or AVX-512-BF16). Where the flags cannot be read
+    (not Linux) False: float32, which every CPU runs at full speed, when it fits."""
     flags = cpu_flags() if flags is None else flags
-    if flags:
-        return any(f in flags for f in NATIVE_BF16_FLAGS)
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"  # no flags to read: torch's own dispatch level
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
 def available_memory() -> int:
@@ -86,6 +86,7 @@ def choose_dtype(folder, requested: str, device: str, *, native_bf16: bool | Non
     """
     if requested not in ("auto", "float32", "fp32"):
         return requested
+    read_hf_config(Path(folder).expanduser())  # a missing folder or config.json is reported as loading reports it
     ckpt = Checkpoint(folder)
     file_dtype = ckpt.floating_dtype()
     on_gpu = not str(device).startswith("cpu")

@@ -95,7 +95,7 @@ class Trainer:
         self.eval_hooks = list(eval_hooks)
         self.out = Path(cfg.output_dir).expanduser()
         self.history: list[dict] = []
-        self.resume_note = ""  # set when a resume rebuilt the lr schedule from a changed config
+        self.resume_note = ""  # what a resume with a changed config changed (said on stderr too)
 
     # ------------------------------------------------------------------ setup
 
@@ -153,7 +153,7 @@ class Trainer:
             raise CheckpointError(f"{folder}: a {state.get('stage_name')!r} checkpoint cannot resume a {self.cfg.stage!r} run")
         self.scheduler.load_state_dict(state["scheduler"])
         if changes:
-            self._rebuild_schedule(int(state["step"]), changes)
+            self._apply_changes(int(state["step"]), changes)
         self.sampler.load_state_dict(state["sampler"])
         self.stage.load_state_dict(state.get("stage", {}))
         self.step = int(state["step"])
@@ -161,16 +161,19 @@ class Trainer:
         if self.info.is_main:
             self._truncate_log(self.step)
 
-    def _rebuild_schedule(self, step: int, changes: list) -> None:
-        """train.steps or optim.* changed on resume: the optimizer settings and the lr schedule come from the new
-        config, positioned at `step` (the checkpoint's are those of the old run: its lr, its end)."""
-        fresh = build_optimizer(self.module, self.cfg)
-        for group, new in zip(self.optimizer.param_groups, fresh.param_groups):
-            group.update({k: v for k, v in new.items() if k != "params"}, initial_lr=new["lr"])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule(), last_epoch=step - 1)
-        self.resume_note = (f"resuming at step {step} with {', '.join(resume.describe(c) for c in changes)}: the optimizer "
-                            f"settings and the lr schedule are rebuilt from the new config (next lr "
-                            f"{self.optimizer.param_groups[0]['lr']:.3g})")  # fmt: skip
+    def _apply_changes(self, step: int, changes: list) -> None:
+        """Allowed config changes on resume (see train/resume.py), said on stderr. train.steps or optim.*: the
+        optimizer settings and the lr schedule come from the new config, positioned at `step` (the
+        checkpoint's are those of the old run: its lr, its end)."""
+        what = "applied as given"
+        if resume.needs_new_schedule(changes):
+            fresh = build_optimizer(self.module, self.cfg)
+            for group, new in zip(self.optimizer.param_groups, fresh.param_groups):
+                group.update({k: v for k, v in new.items() if k != "params"}, initial_lr=new["lr"])
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule(), last_epoch=step - 1)
+            what = (f"the optimizer settings and the lr schedule are rebuilt from the new config (next lr "
+                    f"{self.optimizer.param_groups[0]['lr']:.3g})")  # fmt: skip
+        self.resume_note = f"resuming at step {step} with {', '.join(resume.describe(c) for c in changes)}: {what}"
         if self.info.is_main:
             print(f"openmedgemma train: {self.resume_note}", file=sys.stderr)
 

@@ -4,6 +4,7 @@
 - The schedule (train.steps, optim.*): the optimizer settings and the lr schedule are rebuilt from the new
   config at the resumed step, and the trainer says so (an extended run keeps decaying over the new length
   instead of running its extra steps at the old schedule's end value).
+- Settings read afresh at every step (LoRA dropout, precision): applied as given, and the trainer says so.
 - Anything else (model, data, batch size, LoRA, freezing, the stage's own settings, seed, ...): the run
   would no longer be the one that was checkpointed, so the resume is refused, naming each differing key.
 """
@@ -18,6 +19,7 @@ from openmedgemma.errors import CheckpointError
 FREE = ("output_dir", "data.data_dir", "data.cache_mb", "train.device", "train.log_every", "train.eval_every",
         "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.micro_batch_size", "eval.")  # fmt: skip
 SCHEDULE = ("train.steps", "optim.")
+TUNABLE = ("lora.dropout", "train.precision")
 
 Change = tuple[str, Any, Any]  # key, saved value, new value
 
@@ -46,11 +48,12 @@ def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def check(folder: Path, saved: dict | None, current: dict) -> list[Change]:
-    """The schedule changes to apply; raises CheckpointError for a change that breaks the run."""
+    """The allowed changes (schedule and tunable ones) to report; raises CheckpointError for a change that
+    breaks the run. `needs_new_schedule` tells whether the lr schedule must be rebuilt."""
     if saved is None:  # checkpoints written before configs were saved with them: nothing to compare
         return []
     changes = [c for c in differences(saved, current) if not _matches(c[0], FREE)]
-    breaking = [c for c in changes if not _matches(c[0], SCHEDULE)]
+    breaking = [c for c in changes if not _matches(c[0], SCHEDULE + TUNABLE)]
     if breaking:
         listed = "; ".join(describe(c) for c in breaking)
         raise CheckpointError(
@@ -59,6 +62,10 @@ def check(folder: Path, saved: dict | None, current: dict) -> list[Change]:
             "(train.steps and optim.* may change on resume: the lr schedule is then rebuilt)"
         )
     return changes
+
+
+def needs_new_schedule(changes: list[Change]) -> bool:
+    return any(_matches(c[0], SCHEDULE) for c in changes)
 
 
 def describe(change: Change) -> str:
