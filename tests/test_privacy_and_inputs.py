@@ -5,6 +5,7 @@
   CLI output of load, preview, deid, ask and eval, nor in the files eval writes.
 - Input files are never modified: every input file (bytes and modification time) is the same after load_image,
   load_series, preview, deid, eval and train.
+The eval, ask and train runs here are also the no-network checks of those commands (the `no_network` fixture).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def test_load_preview_and_deid_print_no_phi(phi_files, tmp_path, leaks):
     assert "broken.dcm" in text and "error" in text  # the error cases did run and say something
 
 
-def test_ask_and_eval_print_and_write_no_phi(phi_files, tmp_path, leaks):
+def test_ask_and_eval_print_and_write_no_phi(phi_files, tmp_path, leaks, no_network):
     assert main(["ask", "--model", str(NANO_GEMMA), "--image", str(phi_files["cr"]), "--max-new-tokens", "4", "Any?"]) == 0
     assert main(["ask", "--model", str(NANO_GEMMA), "--image", str(phi_files["broken"]), "Any?"]) == 2
     # a CheXpert-style folder whose images are the identifying DICOM files
@@ -153,12 +154,14 @@ def test_ask_and_eval_print_and_write_no_phi(phi_files, tmp_path, leaks):
                p.suffix in (".json", ".jsonl", ".md", ".csv", ".txt")]  # fmt: skip
     assert len(written) >= 4
     leaks(*written)
+    assert no_network.attempts == []
 
 
 # ------------------------------------------------------------------ inputs are never modified
 
 
-def test_inputs_are_unchanged_by_load_preview_deid_eval_and_train(phi_files, shared_data, tmp_path):
+def test_inputs_are_unchanged_by_load_preview_deid_eval_and_train(phi_files, shared_data, tmp_path, no_network):
+    """Also run under the network guard (tests/netguard.py): eval and train try no network either."""
     from openmedgemma.imaging import load_image, load_series, to_rgb
     from tests.train.helpers import run_config, to_toml
 
@@ -182,3 +185,4 @@ def test_inputs_are_unchanged_by_load_preview_deid_eval_and_train(phi_files, sha
     assert main(["train", "sft", "--config", str(tmp_path / "sft.toml")]) == 0
     after = {str(p): tree_digest(p) for p in inputs}
     assert after == before
+    assert no_network.attempts == []
