@@ -44,7 +44,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, metavar="K")
     parser.add_argument("--top-p", type=float, default=None, metavar="P")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU; on CPU a bf16 "
+                        "checkpoint stays bf16 where the CPU has native bf16 (AMX / AVX-512-BF16), else fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--int8", action="store_true",
                         help="int8 weight-only decoder: a quarter of the weight memory; on x86 CPUs with AVX2 also "
@@ -148,15 +149,14 @@ def _load(args):
     import torch
 
     from openmedgemma.bundled import model_or_nano
+    from openmedgemma.engine.dtype import choose_dtype
     from openmedgemma.engine.engine import Engine
 
     args.model = model_or_nano(args.model, "medgemma", f"openmedgemma {args.command}")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    dtype = choose_dtype(args.model, args.dtype, device)  # refuses an upcast that cannot fit in memory
     quantize = args.quantize or ("int8" if args.int8 else None)
     return Engine.from_pretrained(args.model, dtype=dtype, device=device, quantize=quantize)
 

@@ -76,6 +76,9 @@ def run_command(args) -> int:
         return 0
     if not args.tasks:
         raise ConfigError("give at least one TASK, or --list to see them")
+    from openmedgemma.eval.tasks import check_task_names
+
+    check_task_names(args.tasks)  # a misspelt task is named before anything else is asked for
     if not args.data_dir:
         raise ConfigError("--data-dir is required to run tasks")
 
