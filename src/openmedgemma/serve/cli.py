@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     serve.add_argument("--prefix-cache-mb", type=int, default=256, metavar="MB",
                        help="memory for reusing prompt prefixes (0: off)")
     serve.add_argument("--max-body-mb", type=int, default=64, metavar="MB", help="largest request body")
-    serve.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
+    serve.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as `ask`: bf16 on GPU; on CPU a bf16 "
+                       "checkpoint stays bf16 where the CPU has native bf16, else float32)")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     serve.add_argument("--int8", action="store_true", help="int8 weight-only decoder (as `ask --int8`)")
     serve.add_argument("--dicomweb", metavar="URL",
@@ -96,10 +97,13 @@ def load(state, args) -> None:
     from openmedgemma.engine.scheduler import Scheduler
     from openmedgemma.serve.app import ServedModel
 
-    device, dtype = _device_dtype(args.device, args.dtype)
+    from openmedgemma.engine.dtype import choose_dtype
+
+    device = _device(args.device)
     chat_path = model_or_nano(args.model, "medgemma", "openmedgemma serve")
     embed_path = args.embedding_model or (None if args.model else nano_path("medsiglip"))
     quantize = "int8" if args.int8 else None
+    dtype = choose_dtype(chat_path, args.dtype, device)  # as `ask`: refuses an upcast that cannot fit
     engine = Engine.from_pretrained(chat_path, dtype=dtype, device=device, quantize=quantize)
     state.engine = engine
     state.scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -113,20 +117,17 @@ def load(state, args) -> None:
     if embed_path is not None:
         from openmedgemma.eval.embedder import MedSigLIPEmbedder
 
-        state.embedder = MedSigLIPEmbedder.from_pretrained(embed_path, dtype=dtype, device=device)
+        e_dtype = choose_dtype(embed_path, args.dtype, device)
+        state.embedder = MedSigLIPEmbedder.from_pretrained(embed_path, dtype=e_dtype, device=device)
         e_nano = Path(embed_path).resolve() == nano_path("medsiglip").resolve()
         state.models[Path(embed_path).resolve().name] = ServedModel(Path(embed_path).resolve().name, "embedding",
                                                                     str(embed_path), e_nano)  # fmt: skip
 
 
-def _device_dtype(device: str, dtype: str) -> tuple[str, str]:
+def _device(device: str) -> str:
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    return device, dtype
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def _check_host(host: str, api_key: str | None) -> None:
