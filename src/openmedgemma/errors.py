@@ -23,3 +23,7 @@ class ImageError(OpenMedGemmaError):
 
 class DataError(OpenMedGemmaError):
     """A dataset folder or file is missing or not in the expected format."""
+
+
+class RecordError(OpenMedGemmaError):
+    """A FHIR record (bundle, index, server) cannot be read as asked, or a patient / resource is not in it."""
