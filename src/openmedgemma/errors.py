@@ -25,5 +25,5 @@ class DataError(OpenMedGemmaError):
     """A dataset folder or file is missing or not in the expected format."""
 
 
-class RecordError(OpenMedGemmaError):
+class RecordError(DataError):
     """A FHIR record (bundle, index, server) cannot be read as asked, or a patient / resource is not in it."""

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from openmedgemma.ehr import prompts
+from openmedgemma.ehr.fhir import CLINICAL_TYPES
 from openmedgemma.ehr.parsing import ReplyError, answer_text, citations, parse_tool_call, parse_type_list
 from openmedgemma.ehr.store import RecordStore
 from openmedgemma.ehr.tools import TOOL_SCHEMAS, Tools
@@ -163,12 +164,20 @@ class Navigator:
 
     # ------------------------------------------------------------------ the pipeline
 
-    def ask(self, patient_id: str, question: str, *, answer_format: str = "") -> NavigatorResult:
+    def ask(self, patient_id: str, question: str, *, answer_format: str = "",
+            types: list[str] | None = None) -> NavigatorResult:  # fmt: skip
+        """Answer `question` about the patient; `types` limits the record to those resource types."""
         trace: list[dict] = []
         self.store.patient(patient_id)  # a clear error for an unknown patient, before any model call
+        unknown = sorted(set(types or ()) - set(CLINICAL_TYPES))
+        if unknown:
+            raise ConfigError(f"unknown resource types {unknown}; known: {', '.join(CLINICAL_TYPES)}")
         manifest = self.tools.call("get_patient_manifest", {"patient_id": patient_id})
         trace.append(_tool_entry(manifest))
         rows = self.tools.manifest_rows(patient_id)
+        if types:
+            rows = {t: r for t, r in rows.items() if t in types}
+            manifest = self.tools.manifest(patient_id, only=types)
         types = list(rows)
         common = {"patient_id": patient_id, "question": question}
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openmedgemma.errors import DataError
+from openmedgemma.errors import RecordError as DataError  # a DataError about FHIR records
 
 # Resource types that do not exist in R4 (so the file is DSTU2 / STU3 / R5), with the version they betray.
 NOT_R4_TYPES = {

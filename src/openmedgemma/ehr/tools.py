@@ -166,9 +166,11 @@ class Tools:
             out[rtype] = sorted(rows.values(), key=lambda r: (-r["count"], r["display"]))
         return out
 
-    def manifest(self, patient_id: str) -> ToolResult:
+    def manifest(self, patient_id: str, only: list[str] | None = None) -> ToolResult:
         lines = []
         for rtype, rows in self.manifest_rows(patient_id).items():
+            if only and rtype not in only:
+                continue
             total = sum(r["count"] for r in rows)
             lines.append(f"{rtype} ({total}):")
             for r in rows:

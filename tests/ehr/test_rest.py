@@ -1,0 +1,106 @@
+"""The REST backend against a real FHIR server from PyPI (`fhirsnake`), loaded with the shared bundles.
+
+fhirsnake 1.1.0 is the FHIR server installable from the registries here: it serves read (`Type/id`) and
+type-level search, but ignores every search parameter (`patient`, `code`, dates, `_count`, `_include`) and
+never pages. So this test checks what it can: real HTTP through fhirpy, reads, and the RestStore's own
+filtering of what the server returns (it must give the same resources as the embedded store, and report
+that the server ignored `patient`). Paging through `next` links and `_include` are not exercised by it.
+The resources are written as fhirsnake expects them (resources/Type/id.json), references resolved as a
+server would after a transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from openmedgemma.ehr.bundles import load_bundles
+from openmedgemma.ehr.rest import RestStore
+from openmedgemma.ehr.store import open_store
+from openmedgemma.errors import RecordError
+
+fhirsnake = pytest.importorskip("fhirsnake", reason="fhirsnake (dev dependency) is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BUNDLES = 5  # of the 25: enough for every type, and a fast start
+
+
+@pytest.fixture(scope="module")
+def bundles(synthea_dir) -> list[Path]:
+    return sorted(synthea_dir.glob("*.json"))[:BUNDLES]
+
+
+@pytest.fixture(scope="module")
+def store(bundles):
+    with open_store(bundles) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def server(bundles, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fhirsnake")
+    for item in load_bundles(bundles):
+        folder = root / "resources" / item.resource["resourceType"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{item.resource['id']}.json").write_text(json.dumps(item.resource))
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(fhirsnake.__file__).parent)}  # fhirsnake imports `files` top-level
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port),
+                             "--log-level", "warning"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"fhirsnake exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("fhirsnake did not start within 60 s")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_rest_returns_what_the_embedded_store_returns(server, store):
+    rest = RestStore(server)
+    assert rest.patients() == store.patients()
+    assert len(store.patients()) == BUNDLES
+    for patient in store.patients():
+        pid = patient["id"]
+        assert rest.patient(pid) == store.patient(pid)
+        assert rest.types(pid) == store.types(pid)
+        for rtype in rest.types(pid):
+            assert rest.search(pid, rtype) == store.search(pid, rtype), rtype
+        obs = store.search(pid, "Observation")
+        code = obs[-1]["code"]["coding"][0]["code"]
+        for kwargs in ({"codes": [code]}, {"date_from": "2015", "date_to": "2017-06-30"}):
+            assert rest.search(pid, "Observation", **kwargs) == store.search(pid, "Observation", **kwargs)
+        for req in rest.search(pid, "MedicationRequest"):
+            ref = req["requester"]["reference"]
+            assert rest.read(ref) == store.read(ref)
+    assert "patient" in rest.ignored_parameters  # fhirsnake ignores it; the store filtered
+
+
+def test_rest_errors(server):
+    with pytest.raises(RecordError, match="no patient with id 'nobody'"):
+        RestStore(server).patient("nobody")
+    with pytest.raises(RecordError, match="unreachable"):
+        RestStore(f"http://127.0.0.1:{_free_port()}", timeout=2).patients()
