@@ -82,8 +82,13 @@ class Navigator:
     def pack(self, lines: list[str], room: int, trace: list, where: str) -> list[str]:
         """Lines grouped into parts of at most `room` tokens; a line longer than `room` is split (and traced)."""
         parts, current, used = [], [], 0
-        for line in lines:
+        pending = list(reversed(lines))
+        while pending:
+            line = pending.pop()
             size = self.count(line) + 1
+            if size > room and "\n" in line:  # a multi-line text (a summary): split at its lines first
+                pending.extend(reversed(line.split("\n")))
+                continue
             if size > room:
                 step = max(1, int(len(line) * room / size) - 1)
                 pieces = [line[i : i + step] for i in range(0, len(line), step)]
@@ -302,6 +307,9 @@ class Navigator:
         if self.count(body) > self.room(prompts.ANSWER, **fields, summaries=""):
             trace.append({"step": "answer", "note": "the summaries do not fit the context together: merged"})
             body = self.merge(patient_id, question, "record", [f"{t}:\n{s}" for t, s in summaries.items()], trace)
+            if self.count(body) > self.room(prompts.ANSWER, **fields, summaries=""):
+                trace.append({"step": "answer", "note": "merging could not shorten the facts to fit the context; "
+                              "the answer prompt is over the context"})  # fmt: skip
         return prompts.ANSWER.format(**fields, summaries=body)
 
 
