@@ -26,7 +26,12 @@ from openmedgemma.ehr.rest import RestStore
 from openmedgemma.ehr.store import open_store
 from openmedgemma.errors import RecordError
 
-fhirsnake = pytest.importorskip("fhirsnake", reason="fhirsnake (dev dependency) is not installed")
+try:
+    import fhirsnake
+except ImportError:  # installed by .ci/run (pip install --no-deps fhirsnake==1.1.0): a failure in CI
+    if os.environ.get("CI", "").lower() == "true":
+        raise
+    pytest.skip("fhirsnake is not installed: pip install --no-deps fhirsnake==1.1.0", allow_module_level=True)
 
 
 def _free_port() -> int:

@@ -1,0 +1,67 @@
+"""`openmedgemma ehr ...` end to end: index, patients, questions, errors, and `ask` with the bundled nano model
+(its answer is poor; the trace and the citations must be real)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from openmedgemma.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_index_patients_questions(synthea_dir, tmp_path, capsys, store):
+    db = tmp_path / "records.sqlite"
+    assert main(["ehr", "index", str(synthea_dir), "--db", str(db), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "3643 resources (25 patients)" in out and "Observation" in out
+    assert main(["ehr", "patients", "--records", str(db), "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed == store.patients()
+    out_file = tmp_path / "q.jsonl"
+    assert main(["ehr", "questions", "--records", str(db), "--out", str(out_file), "--per-category", "1"]) == 0
+    assert "questions" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert {r["category"] for r in rows} >= {"prescriber", "observation_value"}
+
+
+def test_errors_are_one_line(index_path, tmp_path, capsys):
+    assert main(["ehr", "ask", "--records", str(index_path), "--patient", "nobody", "anything?"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no patient with id 'nobody'" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    assert main(["ehr", "index", str(bad), "--db", str(tmp_path / "x.sqlite"), "--no-progress"]) == 2
+    assert "bad.json: not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ask_with_the_nano_model(index_path, store):
+    """The real engine: the navigator's steps run, tool calls carry real arguments, citations are retrieved ones."""
+    pid = min(store.patients(), key=lambda p: len(store.search(p["id"], "MedicationRequest")) or 99)["id"]
+    result = subprocess.run(
+        [sys.executable, "-m", "openmedgemma.cli", "ehr", "ask", "--records", str(index_path), "--patient", pid,
+         "Which medications has the patient been prescribed?", "--types", "MedicationRequest,Condition",
+         "--max-new-tokens", "24", "--json"],
+        capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "using the bundled medgemma-nano" in result.stderr
+    answer = json.loads(result.stdout)
+    steps = [e["step"] for e in answer["trace"]]
+    assert steps[0] == "tool" and answer["trace"][0]["name"] == "get_patient_manifest"
+    assert "select_types" in steps and "answer" in steps
+    fetches = [e for e in answer["trace"] if e["step"] == "tool" and e["name"] == "get_patient_fhir_resource"]
+    assert fetches and all(e["arguments"]["patient_id"] == pid for e in fetches)
+    assert answer["evidence"], "the navigator read no resource"
+    for ref in answer["evidence"]:  # every retrieved reference is a real resource of this patient
+        resource = store.read(ref)
+        assert resource is not None and resource["subject"]["reference"] == f"Patient/{pid}"
+    assert set(answer["citations"]) <= set(answer["evidence"])
+    assert all(isinstance(e.get("reply", ""), str) for e in answer["trace"])
