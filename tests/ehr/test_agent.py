@@ -66,6 +66,8 @@ def test_small_context_summarises_in_parts(store):
     assert any(e["step"] == "merge" for e in small.trace)
     assert all(e["prompt_tokens"] <= 700 - 64 for e in parts)
     assert small.answer == full.answer  # the same facts reach the answer, in parts
+    notes = " ".join(e.get("note", "") for e in small.trace)  # what did not fit is said, never cut silently
+    assert "manifest's codes do not fit" in notes and "codes left out of the prompt" in notes
     assert full.citations and set(full.citations) <= set(full.evidence)
 
 

@@ -142,8 +142,8 @@ class Navigator:
         for prompt, label in zip(prompt_list, labels):
             messages = [{"role": "user", "content": prompt}]
             try:
-                reply = self.model.complete(messages, tools=[_RESOURCE_SCHEMA], tool_choice="auto",
-                                            max_tokens=self.max_new_tokens, temperature=0.0, seed=self.seed)  # fmt: skip
+                reply = self.model.complete(messages, tools=[_RESOURCE_SCHEMA], tool_choice="auto", temperature=0.0,
+                                            max_tokens=self.max_new_tokens, seed=self.seed)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - any refusal of `tools` falls back to the JSON protocol
                 trace.append({"step": "tool_call", "label": label, "note": "the server did not accept tools "
                               f"({type(err).__name__}); using the JSON protocol"})  # fmt: skip
@@ -232,15 +232,17 @@ class Navigator:
             fields = {"patient_id": patient_id, "question": question, "fhir_resource": rtype}
             suffix = prompts.TOOL_CALL_NATIVE_SUFFIX if self.use_tools else prompts.TOOL_CALL_JSON_SUFFIX
             template = prompts.TOOL_CALL + suffix
-            codes = [f"{r['code']} {r['display']} [{r['system']}] x{r['count']} {r['first']}..{r['last']}" for r in rows[rtype]]
+            codes = [f"{r['code']} {r['display']} [{r['system']}] x{r['count']} {r['first']}..{r['last']}"
+                     for r in rows[rtype]]  # fmt: skip
             room = self.room(template, **fields, codes="")
             kept, used = [], 0
             for line in codes:
                 used += self.count(line) + 1
                 if used > room - 32:
-                    kept.append(f"... and {len(codes) - len(kept)} more codes (leave filter_code empty to get all)")
-                    trace.append({"step": "tool_call", "label": rtype, "note": f"{len(codes) - len(kept) + 1} of "
-                                  f"{len(codes)} codes left out of the prompt (they do not fit the context)"})  # fmt: skip
+                    left_out = len(codes) - len(kept)
+                    kept.append(f"... and {left_out} more codes (leave filter_code empty to get all)")
+                    trace.append({"step": "tool_call", "label": rtype, "note": f"{left_out} of {len(codes)} codes "
+                                  "left out of the prompt (they do not fit the context)"})  # fmt: skip
                     break
                 kept.append(line)
             prompt_list.append(template.format(**fields, codes="\n".join(kept)))

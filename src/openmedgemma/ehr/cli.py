@@ -26,7 +26,7 @@ def _records_arg(parser) -> None:
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("ehr", help="FHIR records: index, patients, ask the EHR navigator, EHRQA questions",
                                    description="The EHR navigator over FHIR R4 records (Synthea bundles, an index, "
-                                   "or a FHIR server). Synthetic-data demo models are not for clinical use.")  # fmt: skip
+                                   "or a FHIR server). The nano demo model is not for clinical use.")  # fmt: skip
     sub = parser.add_subparsers(dest="ehr_command", metavar="SUBCOMMAND")
 
     index = sub.add_parser("index", help="index FHIR bundles (json / ndjson files or folders) into an SQLite file")
@@ -52,7 +52,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="the endpoint model's context length (default 8192; a local model's own is used)")
     ask.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
     ask.add_argument("--types", help="comma-separated resource types to consider (default: all in the record)")
-    ask.add_argument("--no-tools", action="store_true", help="use the JSON-in-prompt protocol even if the server has tools")
+    ask.add_argument("--no-tools", action="store_true",
+                     help="use the JSON-in-prompt protocol even where the server has tools")
     ask.add_argument("--seed", type=int, default=0)
     ask.add_argument("--trace", action="store_true", help="print the tool calls and model replies (stderr)")
     ask.add_argument("--json", action="store_true", help="print the whole result as JSON")
@@ -121,7 +122,8 @@ def run_ask(args) -> int:
         store.patient(args.patient)  # an unknown patient fails before a model is loaded
         model = _chat_model(args)
         navigator = Navigator(model, store, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                              context_tokens=args.context_tokens, use_tools=False if args.no_tools else None)  # fmt: skip
+                              context_tokens=args.context_tokens,
+                              use_tools=False if args.no_tools else None)  # fmt: skip
         types = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
         result = navigator.ask(args.patient, args.question, types=types)
     if args.json:

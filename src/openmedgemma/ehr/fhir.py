@@ -70,7 +70,7 @@ def date_of(resource: dict) -> str | None:
 
 
 def codings_of(resource: dict) -> list[tuple[str, str, str]]:
-    """(system, code, display) of the resource's main code (see CODE_ELEMENTS); text-only concepts get ("", "", text)."""
+    """(system, code, display) of the resource's main code (CODE_ELEMENTS); a text-only concept: ("", "", text)."""
     element = resource.get(CODE_ELEMENTS.get(resource.get("resourceType", ""), "code"))
     concepts = element if isinstance(element, list) else [element]
     out = []
@@ -80,7 +80,8 @@ def codings_of(resource: dict) -> list[tuple[str, str, str]]:
         codings = [c for c in concept.get("coding") or [] if isinstance(c, dict) and c.get("code")]
         if not codings and concept.get("text"):
             out.append(("", "", str(concept["text"])))
-        out.extend((c.get("system", ""), str(c["code"]), c.get("display") or concept.get("text") or "") for c in codings)
+        for c in codings:
+            out.append((c.get("system", ""), str(c["code"]), c.get("display") or concept.get("text") or ""))
     return out
 
 

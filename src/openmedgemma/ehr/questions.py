@@ -95,7 +95,8 @@ def generate_questions(store: RecordStore, *, seed: int = 0, per_category: int =
     pools = _Pools(store, [p["id"] for p in store.patients()])
     out: list[Question] = []
     for pid in ids:
-        record = {t: store.search(pid, t) for t in ("Condition", "Immunization", "MedicationRequest", "Observation", "Encounter")}
+        types = ("Condition", "Immunization", "MedicationRequest", "Observation", "Encounter")
+        record = {t: store.search(pid, t) for t in types}
         for category in CATEGORIES:
             rng = random.Random(f"{seed}:{pid}:{category}")
             made = GENERATORS[category](store, pid, record, pools, rng, per_category)

@@ -81,8 +81,8 @@ class RestStore(RecordStore):
     # ------------------------------------------------------------------ the interface
 
     def patients(self) -> list[dict]:
-        out = [{"id": r["id"], "name": human_name(r), "gender": r.get("gender", ""), "birthDate": r.get("birthDate", "")}
-               for r in self._pages("Patient", {})]  # fmt: skip
+        out = [{"id": r["id"], "name": human_name(r), "gender": r.get("gender", ""),
+                "birthDate": r.get("birthDate", "")} for r in self._pages("Patient", {})]  # fmt: skip
         return sorted(out, key=lambda p: p["id"])
 
     def patient(self, patient_id: str) -> dict:

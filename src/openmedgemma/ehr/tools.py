@@ -141,7 +141,8 @@ class Tools:
         method = {"get_patient_manifest": self.manifest, "get_patient_fhir_resource": self.resources,
                   "get_patient_demographics": self.demographics}.get(name)  # fmt: skip
         if method is None:
-            return ToolResult(name, arguments, f"error: unknown tool {name!r}; tools: {TOOL_NAMES}", error="unknown tool")
+            text = f"error: unknown tool {name!r}; tools: {TOOL_NAMES}"
+            return ToolResult(name, arguments, text, error="unknown tool")
         try:
             return method(**arguments)
         except TypeError as err:

@@ -9,7 +9,8 @@ Two modes (`context=`):
   question in one prompt, as the report evaluated; patients whose record is estimated over
   `max_record_tokens` (2.5 characters per token) are left out, as the report kept records under 32k tokens.
 - `agent`: the EHR navigator (`openmedgemma.ehr.agent`) answers through the record tools; its citations and
-  trace are kept in predictions.jsonl.
+  trace are kept in predictions.jsonl. `agent_context_tokens` is the context it fits prompts to when the model
+  does not state its own (an endpoint; the in-process engine does).
 
 Scoring ("Final Answer:" line when there is one, else the whole answer): yes/no by the first word;
 multiple choice by `parse_choice`; dates in ISO, US (MM/DD/YYYY) or month-name forms compared as dates;
@@ -114,7 +115,8 @@ class EHRQA(ChatTask):
     name = "ehrqa"
     description = "questions on Synthea FHIR records, 9 categories (record in the prompt, or the EHR navigator)"
     option_defaults = {"context": "record", "per_category": 2, "question_seed": 0, "questions": "",
-                       "write_questions": "", "records": "", "max_record_tokens": 32000}  # fmt: skip
+                       "write_questions": "", "records": "", "max_record_tokens": 32000,
+                       "agent_context_tokens": 8192}  # fmt: skip
     path_options = ("questions", "records")
     hidden_options = ("write_questions",)
     max_new_tokens = 512
@@ -168,14 +170,17 @@ class EHRQA(ChatTask):
                 if len(record) / CHARS_PER_TOKEN > self.options["max_record_tokens"]:
                     skipped.add(q.patient_id)
                     continue
-                content = RECORD_PROMPT.format(record=record, question=q.question + options, answer_format=answer_format)
+                content = RECORD_PROMPT.format(record=record, question=q.question + options,
+                                               answer_format=answer_format)  # fmt: skip
             meta = {"category": q.category, "format": q.format, "answer_type": q.answer_type, "options": q.options,
-                    "patient_id": q.patient_id, "question": q.question + options, "answer_format": answer_format}  # fmt: skip
+                    "patient_id": q.patient_id, "question": q.question + options,
+                    "answer_format": answer_format}  # fmt: skip
             examples.append(Example(q.id, [{"role": "user", "content": content}], q.answer, meta))
         if not examples:
             raise DataError(f"ehrqa: no question left (records over max_record_tokens: {len(skipped)} patients)")
         self.data_info = {"questions": len(examples), "patients": len({e.meta["patient_id"] for e in examples}),
-                          "patients_over_max_record_tokens": len(skipped), "records": str(self.store.source)}  # fmt: skip
+                          "patients_over_max_record_tokens": len(skipped),
+                          "records": str(self.store.source)}  # fmt: skip
         return examples
 
     def generate(self, model, examples, *, max_new_tokens: int, seed: int) -> list:
@@ -183,16 +188,19 @@ class EHRQA(ChatTask):
             return super().generate(model, examples, max_new_tokens=max_new_tokens, seed=seed)
         from openmedgemma.ehr.agent import Navigator
 
-        navigator = Navigator(model, self.store, max_new_tokens=max_new_tokens, seed=seed)
+        navigator = Navigator(model, self.store, max_new_tokens=max_new_tokens, seed=seed,
+                              context_tokens=self.options["agent_context_tokens"])  # fmt: skip
         out = []
         for ex in examples:
-            result = navigator.ask(ex.meta["patient_id"], ex.meta["question"], answer_format="\n" + ex.meta["answer_format"])
+            result = navigator.ask(ex.meta["patient_id"], ex.meta["question"],
+                                   answer_format="\n" + ex.meta["answer_format"])  # fmt: skip
             out.append({"output": result.answer, "citations": result.citations,
                         "unverified_citations": result.unverified_citations, "trace": result.trace})  # fmt: skip
         return out
 
     def score(self, examples, outputs, *, n_boot: int, seed: int) -> dict:
-        rows = [is_correct(ex.meta["answer_type"], ex.target, out, ex.meta["options"]) for ex, out in zip(examples, outputs)]
+        rows = [is_correct(ex.meta["answer_type"], ex.target, out, ex.meta["options"])
+                for ex, out in zip(examples, outputs)]  # fmt: skip
         correct = np.array([ok for ok, _ in rows], dtype=float)
         categories = sorted({ex.meta["category"] for ex in examples})
         masks = {c: np.array([ex.meta["category"] == c for ex in examples]) for c in categories}
@@ -200,7 +208,8 @@ class EHRQA(ChatTask):
         cat_index = np.array([categories.index(ex.meta["category"]) for ex in examples])
 
         def macro(idx):
-            values = [correct[idx][cat_index[idx] == k].mean() for k in range(len(categories)) if (cat_index[idx] == k).any()]
+            cats = cat_index[idx]
+            values = [correct[idx][cats == k].mean() for k in range(len(categories)) if (cats == k).any()]
             return float(np.mean(values)) if values else None
 
         low, high, _ = bootstrap_ci(macro, len(examples), n_boot=n_boot, seed=seed)
@@ -237,6 +246,7 @@ class EHRQA(ChatTask):
             "questions generated from the records (openmedgemma.ehr.questions): 9 of the report's 10 categories; "
             "class-level condition questions need the SNOMED hierarchy and are not generated",
             f"context={self.options['context']}: "
-            + ("the condensed record in the prompt" if self.options["context"] == "record" else "the EHR navigator agent"),
+            + ("the condensed record in the prompt" if self.options["context"] == "record"
+               else "the EHR navigator agent"),
             "accuracy is the mean of the per-category accuracies (as the report); CI by bootstrap over questions",
         ]
