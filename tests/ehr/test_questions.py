@@ -102,3 +102,15 @@ def test_deterministic_and_seeded(store, questions, tmp_path):
     path = tmp_path / "q.jsonl"
     write_questions(questions, path)
     assert [q.to_json() for q in read_questions(path)] == [q.to_json() for q in questions]
+
+
+def test_ehrqa_task_writes_and_reuses_a_question_set(shared_data, index_path, tmp_path):
+    from openmedgemma.eval import get_task
+
+    path = tmp_path / "set.jsonl"
+    first = get_task("ehrqa", shared_data, records=str(index_path), write_questions=str(path)).load_examples()
+    again = get_task("ehrqa", shared_data, records=str(index_path), questions=str(path)).load_examples()
+    assert [(e.id, e.target, e.messages) for e in again] == [(e.id, e.target, e.messages) for e in first]
+    path.write_text('{"id": "x"}\n')
+    with pytest.raises(Exception, match="line 1: not an EHRQA question"):
+        get_task("ehrqa", shared_data, records=str(index_path), questions=str(path)).load_examples()

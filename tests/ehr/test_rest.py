@@ -104,6 +104,13 @@ def test_rest_returns_what_the_embedded_store_returns(server, store):
     assert "patient" in rest.ignored_parameters  # fhirsnake ignores it; the store filtered
 
 
+def test_cli_lists_the_servers_patients(server, store, capsys):
+    from openmedgemma.cli import main
+
+    assert main(["ehr", "patients", "--records", server, "--json"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == store.patients()
+
+
 def test_rest_errors(server):
     with pytest.raises(RecordError, match="no patient with id 'nobody'"):
         RestStore(server).patient("nobody")
