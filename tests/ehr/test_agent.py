@@ -101,15 +101,17 @@ def test_unparseable_step_is_retried_once_then_reported(store):
 class ToolsModel(ScriptedNavigatorModel):
     """Has `complete` like the endpoint adapter: answers the retrieval step with a native tool call."""
 
-    def __init__(self, refuse=False):
+    def __init__(self, refuse=False, flaky=False):
         super().__init__()
-        self.refuse, self.native = refuse, 0
+        self.refuse, self.flaky, self.native = refuse, flaky, 0
 
     def complete(self, messages, *, tools=None, tool_choice=None, max_tokens=256, temperature=0.0, seed=None):
         if self.refuse:
             raise RuntimeError("tools are not supported")
         assert tools[0]["function"]["name"] == "get_patient_fhir_resource"
         self.native += 1
+        if self.flaky and "Your previous reply" not in messages[0]["content"]:
+            return {"role": "assistant", "content": "Let me think about which codes matter."}
         text = self.tool_call(messages[0]["content"])
         if text == "{}":
             return {"role": "assistant", "content": "{}"}
@@ -125,6 +127,9 @@ def test_native_tools_and_fallback_to_json(store):
     result = Navigator(model, store).ask(pid, question)
     assert model.native > 0 and list(result.summaries) == ["Condition"]
     assert any(e.get("native") for e in result.trace)
+    result = Navigator(ToolsModel(flaky=True), store).ask(pid, question)
+    assert list(result.summaries) == ["Condition"]
+    assert [e.get("retry", False) for e in result.trace if e.get("native")][-2:] == [False, True]
     result = Navigator(ToolsModel(refuse=True), store).ask(pid, question)
     assert any("did not accept tools" in e.get("note", "") for e in result.trace)
     assert list(result.summaries) == ["Condition"]

@@ -65,3 +65,41 @@ def test_ask_with_the_nano_model(index_path, store):
         assert resource is not None and resource["subject"]["reference"] == f"Patient/{pid}"
     assert set(answer["citations"]) <= set(answer["evidence"])
     assert all(isinstance(e.get("reply", ""), str) for e in answer["trace"])
+
+
+@pytest.mark.slow
+def test_navigator_over_openmedgemma_serve_uses_native_tools(store):
+    """The endpoint path for real: `openmedgemma serve` (nano) on 127.0.0.1, the lead's OpenAIChatModel, `tools`."""
+    import socket
+    import time
+    import urllib.request
+
+    from openmedgemma.ehr.agent import Navigator
+    from openmedgemma.eval.endpoint import OpenAIChatModel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "openmedgemma.cli", "serve", "--port", str(port), "--log-level",
+                               "warning"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                time.sleep(0.5)
+        model = OpenAIChatModel(f"http://127.0.0.1:{port}/v1")
+        pid = store.patients()[2]["id"]
+        result = Navigator(model, store, max_new_tokens=16, context_tokens=2048).ask(
+            pid, "Has the patient ever been diagnosed with Viral sinusitis?", types=["Condition"])
+    finally:
+        server.terminate()
+        server.wait(30)
+    native = [e for e in result.trace if e.get("native")]
+    assert native, "the retrieval step did not go through the server's tools"
+    assert not any("did not accept tools" in e.get("note", "") for e in result.trace)
+    assert result.evidence and all(store.read(ref) is not None for ref in result.evidence)
+    assert set(result.citations) <= set(result.evidence)

@@ -137,35 +137,35 @@ class Navigator:
         return [r[1] if r else None for r in results]
 
     def native_tool_calls(self, prompt_list: list[str], labels: list[str], trace: list) -> list | None:
-        """Tool calls through the server's `tools` support; None when the server does not take them."""
+        """Tool calls through the server's `tools` support (asked again once when the reply cannot be read);
+        None when the server does not take tools."""
         results = []
         for prompt, label in zip(prompt_list, labels):
-            messages = [{"role": "user", "content": prompt}]
-            try:
-                reply = self.model.complete(messages, tools=[_RESOURCE_SCHEMA], tool_choice="auto", temperature=0.0,
-                                            max_tokens=self.max_new_tokens, seed=self.seed)  # fmt: skip
-            except Exception as err:  # noqa: BLE001 - any refusal of `tools` falls back to the JSON protocol
-                trace.append({"step": "tool_call", "label": label, "note": "the server did not accept tools "
-                              f"({type(err).__name__}); using the JSON protocol"})  # fmt: skip
-                self.use_tools = False
-                return None
-            calls = [c for c in reply.get("tool_calls") or [] if (c.get("function") or {}).get("name") == RESOURCE_TOOL]
-            entry = {"step": "tool_call", "label": label, "native": True, "prompt_tokens": self.count(prompt),
-                     "reply": reply.get("content") or "", "tool_calls": reply.get("tool_calls") or []}  # fmt: skip
-            trace.append(entry)
-            if calls:
+            args = None
+            for attempt in range(2):
                 try:
-                    results.append(json.loads(calls[0]["function"].get("arguments") or "{}"))
-                except json.JSONDecodeError:
-                    entry["error"] = "the tool call's arguments are not JSON; taking the default"
-                    results.append(None)
-            else:
+                    reply = self.model.complete([{"role": "user", "content": prompt}], tools=[_RESOURCE_SCHEMA],
+                                                tool_choice="auto", temperature=0.0, max_tokens=self.max_new_tokens,
+                                                seed=self.seed)  # fmt: skip
+                except Exception as err:  # noqa: BLE001 - any refusal of `tools` falls back to the JSON protocol
+                    trace.append({"step": "tool_call", "label": label, "note": "the server did not accept tools "
+                                  f"({type(err).__name__}); using the JSON protocol"})  # fmt: skip
+                    self.use_tools = False
+                    return None
+                entry = {"step": "tool_call", "label": label, "native": True, "prompt_tokens": self.count(prompt),
+                         "reply": reply.get("content") or "", "tool_calls": reply.get("tool_calls") or []}  # fmt: skip
+                if attempt:
+                    entry["retry"] = True
+                trace.append(entry)
                 try:
-                    results.append(parse_tool_call(reply.get("content") or "{}", RESOURCE_TOOL) or {})
+                    args = _native_arguments(reply)
+                    break
                 except ReplyError as err:
-                    entry["error"] = f"{err}; taking the default"
-                    results.append(None)
-        return [r if r != {} else "skip" for r in results]
+                    entry["error"] = f"{err}; failed twice, taking the default" if attempt else str(err)
+                    prompt += prompts.RETRY.format(problem=err)
+            results.append(args)
+        return results
+
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -246,16 +246,13 @@ class Navigator:
                     break
                 kept.append(line)
             prompt_list.append(template.format(**fields, codes="\n".join(kept)))
-        raw = None
         if self.use_tools:
-            raw = self.native_tool_calls(prompt_list, chosen, trace)
-            if raw is None:  # the server refused tools: the same step with the JSON protocol
+            parsed = self.native_tool_calls(prompt_list, chosen, trace)
+            if parsed is None:  # the server refused tools: the same step with the JSON protocol
                 return self.tool_calls(patient_id, question, chosen, rows, trace)
-        if raw is None:
+        else:
             parsed = self.structured("tool_call", prompt_list, lambda r: parse_tool_call(r, RESOURCE_TOOL) or "skip",
                                      trace, chosen)  # fmt: skip
-        else:
-            parsed = raw
         out = []
         for rtype, args in zip(chosen, parsed):
             if args == "skip":
@@ -313,6 +310,22 @@ class Navigator:
                 trace.append({"step": "answer", "note": "merging could not shorten the facts to fit the context; "
                               "the answer prompt is over the context"})  # fmt: skip
         return prompts.ANSWER.format(**fields, summaries=body)
+
+
+def _native_arguments(reply: dict):
+    """The arguments of the first `get_patient_fhir_resource` call of an OpenAI assistant message, "skip" for
+    none (a reply of `{}` or nothing), or the call written in the text (JSON / Python-style)."""
+    for call in reply.get("tool_calls") or []:
+        function = call.get("function") or {}
+        if function.get("name") == RESOURCE_TOOL:
+            try:
+                args = json.loads(function.get("arguments") or "{}")
+            except json.JSONDecodeError:
+                raise ReplyError("the tool call's arguments are not JSON") from None
+            if not isinstance(args, dict):
+                raise ReplyError("the tool call's arguments are not a JSON object")
+            return args
+    return parse_tool_call(reply.get("content") or "{}", RESOURCE_TOOL) or "skip"
 
 
 def _tool_entry(result) -> dict:
