@@ -27,3 +27,7 @@ class DataError(OpenMedGemmaError):
 
 class RecordError(DataError):
     """A FHIR record (bundle, index, server) cannot be read as asked, or a patient / resource is not in it."""
+
+
+class PacsError(OpenMedGemmaError):
+    """A DICOMweb store cannot be reached, refuses the request, or does not hold what was asked."""

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from openmedgemma.errors import ImageError, OpenMedGemmaError
+from openmedgemma.imaging.pacs_cli import add_dicomweb_arguments, study_turn
 
 CHAT_HELP = "commands: /image FILE (attach to your next message), /reset (forget the conversation), /quit"
 
@@ -22,6 +23,7 @@ def register(subparsers) -> None:
     ask.add_argument("question", help="the question (quote it)")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--json", action="store_true", help="print a JSON object: answer, token counts, timings")
+    add_dicomweb_arguments(ask)
     ask.set_defaults(func=run_ask)
 
     chat = subparsers.add_parser("chat", help="an interactive chat session that keeps its history",
@@ -58,9 +60,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def run_ask(args) -> int:
     _check_images(args.image)
+    turn = study_turn(args, args.question) if args.dicomweb else _user(args.question, args.image)
     engine = _load(args)
     config = _config(args)
-    messages = _system(args) + [_user(args.question, args.image)]
+    messages = _system(args) + [turn]
     if args.stream and not args.json:
         result = _print_stream(engine, messages, config)
     else:

@@ -97,10 +97,10 @@ def run_command(args) -> int:
             if args.endpoint:
                 models[task.kind] = loaders.load_endpoint(args.endpoint, task.kind, api_key=args.api_key,
                                                           model=args.model, concurrency=args.concurrency)
-                continue
-            loader = loaders.load_chat_model if task.kind == "chat" else loaders.load_embedder
-            path = model_or_nano(args.model, "medgemma" if task.kind == "chat" else "medsiglip", "openmedgemma eval")
-            models[task.kind] = loader(str(path))
+            else:
+                loader = loaders.load_chat_model if task.kind == "chat" else loaders.load_embedder
+                kind = "medgemma" if task.kind == "chat" else "medsiglip"
+                models[task.kind] = loader(str(model_or_nano(args.model, kind, "openmedgemma eval")))
         res = runner.run_task(
             task,
             models[task.kind],

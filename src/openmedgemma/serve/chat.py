@@ -26,6 +26,7 @@ from openmedgemma.engine.sequences import Request as EngineRequest
 from openmedgemma.errors import OpenMedGemmaError
 from openmedgemma.serve import tools as tooling
 from openmedgemma.serve.app import APIError, ServerState, ready_state
+from openmedgemma.serve.dicomweb import content_from_dicomweb, is_dicomweb_url
 from openmedgemma.serve.media import MediaError, content_from_image_url
 from openmedgemma.serve.protocol import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs,
@@ -109,15 +110,18 @@ class _Run:
 
     async def wait(self, request: Request) -> list[Finished]:
         """All choices' final events; cancels them if the client disconnects first."""
+        checked = time.monotonic()
         while not self.done:
             try:
                 i, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                self.record(i, event)
             except asyncio.TimeoutError:
+                pass
+            if time.monotonic() - checked >= 0.5:  # also while tokens keep coming
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     self.cancel()
-                    raise APIError(499, "client disconnected", None, "client_closed", "server_error") from None
-                continue
-            self.record(i, event)
+                    raise APIError(499, "client disconnected", None, "client_closed", "server_error")
         return self.finals  # type: ignore[return-value]
 
     def usage(self) -> Usage:
@@ -197,8 +201,13 @@ def _conversation(body: ChatCompletionRequest, state: ServerState, functions, fo
                 elif kind == "image_url":
                     url = part.get("image_url")
                     url = url.get("url") if isinstance(url, dict) else url
-                    items = content_from_image_url(url, preset=preset, field=f"{field}.image_url",
-                                                   limits=state.config.media)  # fmt: skip
+                    if is_dicomweb_url(url):  # a study on the store `serve --dicomweb` names
+                        items = content_from_dicomweb(url, state.config.dicomweb, preset=preset,
+                                                      field=f"{field}.image_url",
+                                                      limits=state.config.media)  # fmt: skip
+                    else:
+                        items = content_from_image_url(url, preset=preset, field=f"{field}.image_url",
+                                                       limits=state.config.media)  # fmt: skip
                     images += sum(1 for item in items if item["type"] == "image")
                     if images > state.config.max_images:
                         raise MediaError(f"{field}: more than {state.config.max_images} images in one request "

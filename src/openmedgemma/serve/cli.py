@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import socket
 
 from openmedgemma.errors import OpenMedGemmaError
+
+log = logging.getLogger("openmedgemma.serve")
 
 
 def register(subparsers) -> None:
@@ -31,7 +34,8 @@ def register(subparsers) -> None:
     serve.add_argument("--max-queue", type=int, default=256, metavar="N",
                        help="requests waiting beyond the batch before 503 (default 256)")
     serve.add_argument("--max-model-len", type=int, default=None, metavar="N",
-                       help="prompt + answer tokens per sequence (default: the model's context); sizes the KV cache")
+                       help="prompt + answer tokens per sequence (default: the model's context, at most 8192); "
+                       "every batch row holds this many, so it sizes the KV cache")
     serve.add_argument("--max-tokens", type=int, default=None, metavar="N", help="cap on a request's max_tokens")
     serve.add_argument("--prefill-budget", type=int, default=512, metavar="N",
                        help="prompt tokens prefilled per scheduler step (smaller: smoother streams)")
@@ -41,6 +45,12 @@ def register(subparsers) -> None:
     serve.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     serve.add_argument("--int8", action="store_true", help="int8 weight-only decoder (as `ask --int8`)")
+    serve.add_argument("--dicomweb", metavar="URL",
+                       help="a DICOMweb store (PACS) whose studies requests may name as image_url "
+                       "'dicomweb:studies/UID[/series/UID]'; credentials from $OPENMEDGEMMA_DICOMWEB_TOKEN or "
+                       "$OPENMEDGEMMA_DICOMWEB_USER / $OPENMEDGEMMA_DICOMWEB_PASSWORD")  # fmt: skip
+    serve.add_argument("--dicomweb-timeout", type=float, default=30.0, metavar="S",
+                       help="seconds to wait for the DICOMweb store (default 30)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=run_serve)
 
@@ -51,12 +61,10 @@ def run_serve(args) -> int:
     from openmedgemma.serve.app import ServerConfig, ServerState, create_app
 
     _check_host(args.host, args.api_key)
-    import logging
-
     # request ids, sizes and timings; never prompt text or pixels (uvicorn's access log only at debug)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     config = ServerConfig(api_key=args.api_key or None, max_body_bytes=args.max_body_mb << 20,
-                          max_tokens_cap=args.max_tokens)  # fmt: skip
+                          max_tokens_cap=args.max_tokens, dicomweb=_dicomweb(args))  # fmt: skip
     state = ServerState(config)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -67,6 +75,16 @@ def run_serve(args) -> int:
     print(f"openmedgemma serve: listening on http://{shown}:{port}", flush=True)
     server.run(sockets=[sock])
     return 0
+
+
+def _dicomweb(args):
+    """The store of --dicomweb (credentials from the environment), or None."""
+    if not args.dicomweb:
+        return None
+    from openmedgemma.imaging.pacs_cli import source_from_args
+
+    args.dicomweb_cache = None  # a server keeps no patient data on disk
+    return source_from_args(args)
 
 
 def load(state, args) -> None:
@@ -87,6 +105,8 @@ def load(state, args) -> None:
     state.scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue,
                                 max_model_len=args.max_model_len, prefill_budget=args.prefill_budget,
                                 prefix_cache_bytes=args.prefix_cache_mb << 20, observer=state.metrics).start()  # fmt: skip
+    log.info("KV cache: %d rows x %d tokens = %.2f GiB (--max-batch, --max-model-len)", args.max_batch,
+             state.scheduler.max_model_len, state.scheduler.kv_bytes / 2**30)  # fmt: skip
     nano = Path(chat_path).resolve() == nano_path("medgemma").resolve()
     name = args.served_model_name or Path(chat_path).resolve().name
     state.models[name] = ServedModel(name, "chat", str(chat_path), nano)
