@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,15 +31,8 @@ from openmedgemma.ehr.agent import Navigator  # noqa: E402
 from openmedgemma.ehr.fhir import code_matches  # noqa: E402
 from openmedgemma.ehr.sqlite import SQLiteStore, build_index  # noqa: E402
 from openmedgemma.ehr.tools import Tools  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
 from tests.conftest import find_shared_data  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -92,7 +84,7 @@ def main() -> int:
         return 2
     bundles = data / "synthea_fhir_r4"
     files = sorted(bundles.glob("*.json"))
-    print(f"machine: {cpu_name()}; Python {platform.python_version()}; {len(files)} bundles, "
+    print(f"machine: {describe()}; Python {platform.python_version()}; {len(files)} bundles, "
           f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB of JSON")  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
