@@ -24,7 +24,10 @@ import pytest
 from openmedgemma.ehr.bundles import load_bundles
 from openmedgemma.ehr.rest import RestStore
 from openmedgemma.ehr.store import open_store
+from openmedgemma.ehr.tools import Tools
 from openmedgemma.errors import RecordError
+
+from .fhir_search_server import ServerThread, make_app
 
 try:
     import fhirsnake
@@ -116,3 +119,52 @@ def test_rest_errors(server):
         RestStore(server).patient("nobody")
     with pytest.raises(RecordError, match="unreachable"):
         RestStore(f"http://127.0.0.1:{_free_port()}", timeout=2).patients()
+
+
+def test_paging_and_bearer_token_against_a_searching_server(store):
+    """tests/ehr/fhir_search_server.py honours the search parameters and pages (fhirsnake does neither)."""
+    app, port = make_app(store, "s3cret"), _free_port()
+    with ServerThread(app, port):
+        url = f"http://127.0.0.1:{port}"
+        with pytest.raises(RecordError, match="401"):
+            RestStore(url).patients()
+        rest = RestStore(url, token="s3cret", page_size=7)
+        assert rest.patients() == store.patients()
+        searches, before = 0, app.state.requests
+        for patient in store.patients():
+            for rtype in store.types(patient["id"]):
+                assert rest.search(patient["id"], rtype) == store.search(patient["id"], rtype)
+                searches += 1
+            obs = store.search(patient["id"], "Observation")
+            code = obs[0]["code"]["coding"][0]["code"]
+            assert rest.search(patient["id"], "Observation", codes=[code], date_from="2012") == store.search(
+                patient["id"], "Observation", codes=[code], date_from="2012")
+            searches += 1
+        assert app.state.requests - before > 2 * searches  # every Observation search took several pages
+        assert rest.ignored_parameters == set()
+
+
+def test_include_and_medication_references(tmp_path):
+    """A MedicationRequest naming its drug by medicationReference: indexed, searched and shown by its code."""
+    rx = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    resources = [
+        {"resourceType": "Patient", "id": "p-1", "name": [{"given": ["Ann"], "family": "Lee"}]},
+        {"resourceType": "Medication", "id": "med-1", "code": {"coding": [{"system": rx, "code": "2", "display": "Drug B"}]}},
+        {"resourceType": "MedicationRequest", "id": "mr-1", "status": "active", "intent": "order",
+         "medicationReference": {"reference": "urn:uuid:med-1"}, "subject": {"reference": "urn:uuid:p-1"},
+         "authoredOn": "2021-03-04"},
+    ]  # fmt: skip
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"resourceType": "Bundle", "type": "transaction",
+                                "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources]}))
+    with open_store([path]) as local:
+        assert [r["id"] for r in local.search("p-1", "MedicationRequest", codes=[f"{rx}|2"])] == ["mr-1"]
+        assert "Medication/med-1 (Drug B)" in Tools(local).resources("p-1", "MedicationRequest").text
+        assert "2 Drug B [RxNorm] x1" in Tools(local).manifest("p-1").text
+        app, port = make_app(local, "t"), _free_port()
+        with ServerThread(app, port):
+            rest = RestStore(f"http://127.0.0.1:{port}", token="t")
+            assert [r["id"] for r in rest.search("p-1", "MedicationRequest", codes=["2"])] == ["mr-1"]
+            before = app.state.requests
+            assert rest.read("Medication/med-1")["code"]["coding"][0]["display"] == "Drug B"
+            assert app.state.requests == before  # it came with the search (_include), not a second request

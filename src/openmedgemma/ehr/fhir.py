@@ -3,6 +3,7 @@ and its codes. One place, so that an index, a tool result and a ground-truth ans
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 # The element holding "the" code of each clinical type (what the manifest lists and `filter_code` matches).
@@ -69,8 +70,13 @@ def date_of(resource: dict) -> str | None:
     return None
 
 
-def codings_of(resource: dict) -> list[tuple[str, str, str]]:
-    """(system, code, display) of the resource's main code (CODE_ELEMENTS); a text-only concept: ("", "", text)."""
+def codings_of(resource: dict, read: Callable[[str], dict | None] | None = None) -> list[tuple[str, str, str]]:
+    """(system, code, display) of the resource's main code (CODE_ELEMENTS); a text-only concept: ("", "", text).
+    A medication given by `medicationReference` has the referenced Medication's code, read through `read`."""
+    ref = (resource.get("medicationReference") or {}).get("reference")
+    if ref and read is not None and not resource.get("medicationCodeableConcept"):
+        medication = read(ref)
+        return codings_of(medication) if medication else []
     element = resource.get(CODE_ELEMENTS.get(resource.get("resourceType", ""), "code"))
     concepts = element if isinstance(element, list) else [element]
     out = []
@@ -85,9 +91,9 @@ def codings_of(resource: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-def label_of(resource: dict) -> str:
+def label_of(resource: dict, read: Callable[[str], dict | None] | None = None) -> str:
     """The display of the resource's main code (first coding), or "" when it has none."""
-    codings = codings_of(resource)
+    codings = codings_of(resource, read)
     return codings[0][2] if codings else ""
 
 
@@ -116,9 +122,9 @@ def human_name(resource: dict) -> str:
     return resource.get("name") if isinstance(resource.get("name"), str) else ""
 
 
-def code_matches(resource: dict, codes: list[str]) -> bool:
+def code_matches(resource: dict, codes: list[str], read: Callable[[str], dict | None] | None = None) -> bool:
     """Does any of `codes` ("code" or "system|code") match a coding of the resource's main code?"""
-    for system, code, _display in codings_of(resource):
+    for system, code, _display in codings_of(resource, read):
         for wanted in codes:
             want_system, bar, want_code = wanted.rpartition("|")
             if want_code == code and (not bar or want_system == system):

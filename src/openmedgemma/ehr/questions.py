@@ -73,6 +73,18 @@ def _med(req: dict) -> str:
     return concept_text(req.get("medicationCodeableConcept")) or label_of(req)
 
 
+def _requests(store: RecordStore, pid: str) -> list[dict]:
+    """The patient's MedicationRequests, a `medicationReference` copied in as its Medication's code."""
+    out = []
+    for req in store.search(pid, "MedicationRequest"):
+        ref = (req.get("medicationReference") or {}).get("reference")
+        medication = store.read(ref) if ref and not req.get("medicationCodeableConcept") else None
+        if medication and medication.get("code"):
+            req = {**req, "medicationCodeableConcept": medication["code"]}
+        out.append(req)
+    return out
+
+
 class _Pools:
     """What distractors are drawn from: every condition and medication display in the store."""
 
@@ -81,7 +93,7 @@ class _Pools:
         self.medications: set[str] = set()
         for pid in patients:
             self.conditions |= {label_of(r) for r in store.search(pid, "Condition") if label_of(r)}
-            self.medications |= {_med(r) for r in store.search(pid, "MedicationRequest") if _med(r)}
+            self.medications |= {_med(r) for r in _requests(store, pid) if _med(r)}
 
 
 def generate_questions(store: RecordStore, *, seed: int = 0, per_category: int = 2,
@@ -95,8 +107,8 @@ def generate_questions(store: RecordStore, *, seed: int = 0, per_category: int =
     pools = _Pools(store, [p["id"] for p in store.patients()])
     out: list[Question] = []
     for pid in ids:
-        types = ("Condition", "Immunization", "MedicationRequest", "Observation", "Encounter")
-        record = {t: store.search(pid, t) for t in types}
+        record = {t: store.search(pid, t) for t in ("Condition", "Immunization", "Observation", "Encounter")}
+        record["MedicationRequest"] = _requests(store, pid)
         for category in CATEGORIES:
             rng = random.Random(f"{seed}:{pid}:{category}")
             made = GENERATORS[category](store, pid, record, pools, rng, per_category)

@@ -112,14 +112,14 @@ class RestStore(RecordStore):
                 self._type_cache[(patient_id, rtype)] = found
         else:
             found = cached
-        keep = [r for r in found if patient_of(r) == patient_id and (not codes or code_matches(r, codes))
+        keep = [r for r in found if patient_of(r) == patient_id and (not codes or code_matches(r, codes, self.read))
                 and in_dates(date_of(r), date_from, date_to)]  # fmt: skip
         return sorted(keep, key=lambda r: (date_of(r) or "", r["id"]))
 
     def _note_ignored(self, found, patient_id, codes, date_from, date_to) -> None:
         if any(patient_of(r) != patient_id for r in found):
             self.ignored_parameters.add("patient")
-        if codes and any(not code_matches(r, codes) for r in found):
+        if codes and any(not code_matches(r, codes, self.read) for r in found):
             self.ignored_parameters.add("code")
         if (date_from or date_to) and any(not in_dates(date_of(r), date_from, date_to) for r in found):
             self.ignored_parameters.add("date")

@@ -60,6 +60,15 @@ def build_index(paths: Iterable[str | Path], db: str | Path, *, progress: bool =
     files = bundle_files(paths)
     with tqdm(total=len(files), desc="reading bundles", unit="file", disable=not progress) as bar:
         loaded = load_bundles(files, known=known, find_identifier=find_identifier, progress=bar.update)
+    by_key = {item.key: item.resource for item in loaded}
+
+    def read(key: str) -> dict | None:  # a Medication behind a medicationReference: this load, or indexed before
+        if key in by_key:
+            return by_key[key]
+        rtype, _, rid = key.partition("/")
+        row = conn.execute("SELECT json FROM resources WHERE rtype=? AND id=?", (rtype, rid)).fetchone()
+        return json.loads(row[0]) if row else None
+
     with conn:  # one transaction: all or nothing
         for item in tqdm(loaded, desc="indexing", unit="res", disable=not progress):
             res = item.resource
@@ -73,7 +82,7 @@ def build_index(paths: Iterable[str | Path], db: str | Path, *, progress: bool =
             )
             conn.executemany(
                 "INSERT INTO codes VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(patient, rtype, rid, system, code, display, date) for system, code, display in codings_of(res)],
+                [(patient, rtype, rid, system, code, display, date) for system, code, display in codings_of(res, read)],
             )
             conn.executemany(
                 "INSERT INTO identifiers VALUES (?, ?, ?, ?)",
@@ -144,7 +153,8 @@ class SQLiteStore(RecordStore):
             args += [rtype, *bare]
         rows = self.conn.execute(sql + " ORDER BY date, id", args).fetchall()
         out = [json.loads(text) for (text,) in rows]
-        return [r for r in out if (not codes or code_matches(r, codes)) and in_dates(date_of(r), date_from, date_to)]
+        return [r for r in out if (not codes or code_matches(r, codes, self.read))
+                and in_dates(date_of(r), date_from, date_to)]  # fmt: skip
 
     def read(self, key: str) -> dict | None:
         rtype, _, rid = key.partition("/")

@@ -59,7 +59,7 @@ class Condenser:
                 elif rtype in ("Organization", "Location"):
                     name = resource.get("name", "")
                 else:
-                    name = label_of(resource)
+                    name = label_of(resource, self.store.read)
                     date = date_of(resource)
                     name = f"{name}, {date[:10]}" if date and rtype == "Encounter" else name
             self._names[ref] = f"{ref} ({name})" if name else ref
@@ -157,7 +157,7 @@ class Tools:
             rows: dict[tuple, dict] = {}
             for resource in self.store.search(patient_id, rtype):
                 date = (date_of(resource) or "")[:10]
-                for system, code, display in codings_of(resource)[:1] or [("", "", "(no code)")]:
+                for system, code, display in codings_of(resource, self.store.read)[:1] or [("", "", "(no code)")]:
                     row = rows.setdefault((system, code, display), {"code": code, "system": system_name(system),
                                           "display": display, "count": 0, "first": date, "last": date})  # fmt: skip
                     row["count"] += 1
