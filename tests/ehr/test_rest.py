@@ -4,7 +4,8 @@ fhirsnake 1.1.0 is the FHIR server installable from the registries here: it serv
 type-level search, but ignores every search parameter (`patient`, `code`, dates, `_count`, `_include`) and
 never pages. So this test checks what it can: real HTTP through fhirpy, reads, and the RestStore's own
 filtering of what the server returns (it must give the same resources as the embedded store, and report
-that the server ignored `patient`). Paging through `next` links and `_include` are not exercised by it.
+that the server ignored `patient`). Paging through `next` links, `_include` and the bearer token are tested
+against tests/ehr/fhir_search_server.py instead, a minimal server that honours them.
 The resources are written as fhirsnake expects them (resources/Type/id.json), references resolved as a
 server would after a transaction.
 """
