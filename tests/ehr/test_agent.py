@@ -33,6 +33,8 @@ def test_scripted_agent_scores_100_percent(agent_task, tmp_path):
     assert all(row["output"].endswith("Final Answer: no") for row in rows if row["id"] in uncited)  # nothing to cite
     steps = {e["step"] for row in rows for e in row["trace"]}
     assert {"tool", "select_types", "tool_call", "summarize", "answer"} <= steps
+    tools_used = {e["name"] for row in rows for e in row["trace"] if e["step"] == "tool"}
+    assert tools_used == {"get_patient_manifest", "get_patient_fhir_resource", "get_patient_demographics"}
     assert not any("error" in e for row in rows for e in row["trace"])
     assert result["published"]["accuracy"]["MedGemma 27B"] == 86.3
     assert "majority per category" in result["baselines"]
@@ -162,3 +164,18 @@ def test_bad_arguments(store):
         Navigator(object(), store)
     with pytest.raises(ConfigError, match="context must be record or agent"):
         get_task("ehrqa", "/nonexistent", context="both")
+
+
+def test_tool_argument_errors_are_results_not_exceptions(store):
+    from openmedgemma.ehr.tools import Tools
+
+    tools, pid = Tools(store), store.patients()[0]["id"]
+    assert tools.call("get_patient_fhir_resource", {"patient_id": pid, "fhir_resource": "Claim"}).error
+    bad_date = tools.call("get_patient_fhir_resource", {"patient_id": pid, "fhir_resource": "Condition",
+                                                        "date_from": "last year"})  # fmt: skip
+    assert "is not a date" in bad_date.text
+    assert "unknown tool" in tools.call("drop_table", {}).text
+    assert "bad arguments" in tools.call("get_patient_manifest", {"patient": pid}).text
+    assert "no patient" in tools.call("get_patient_demographics", {"patient_id": "nobody"}).text
+    ok = tools.call("get_patient_fhir_resource", {"patient_id": pid, "fhir_resource": "Condition", "date_to": "2017"})
+    assert ok.error is None and all(store.read(r)["onsetDateTime"][:4] <= "2017" for r in ok.refs)

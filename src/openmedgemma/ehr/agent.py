@@ -212,8 +212,11 @@ class Navigator:
         summaries = self.summarize(patient_id, question, fetched, trace)
         evidence = [ref for result in fetched.values() for ref in result.refs]
 
-        # 4. the answer
-        answer_prompt = self.answer_prompt(patient_id, question, summaries, answer_format, trace)
+        # 4. the answer, with the demographics (age, sex) that questions often turn on
+        demographics = self.tools.call("get_patient_demographics", {"patient_id": patient_id})
+        trace.append(_tool_entry(demographics))
+        evidence += demographics.refs
+        answer_prompt = self.answer_prompt(patient_id, question, summaries, answer_format, trace, demographics.text)
         [reply] = self.generate([answer_prompt])
         trace.append({"step": "answer", "prompt_tokens": self.count(answer_prompt), "reply": reply})
         answer = answer_text(reply)
@@ -300,8 +303,9 @@ class Navigator:
             rounds += 1
         return texts[0] if texts else ""
 
-    def answer_prompt(self, patient_id, question, summaries, answer_format, trace) -> str:
-        fields = {"patient_id": patient_id, "question": question, "answer_format": answer_format}
+    def answer_prompt(self, patient_id, question, summaries, answer_format, trace, demographics) -> str:
+        fields = {"patient_id": patient_id, "question": question, "answer_format": answer_format,
+                  "demographics": demographics}  # fmt: skip
         body = "\n\n".join(f"{rtype}:\n{text}" for rtype, text in summaries.items()) or "(no facts were retrieved)"
         if self.count(body) > self.room(prompts.ANSWER, **fields, summaries=""):
             trace.append({"step": "answer", "note": "the summaries do not fit the context together: merged"})

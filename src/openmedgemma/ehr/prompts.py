@@ -7,7 +7,7 @@
 3. SUMMARIZE (one per type, or per part of a type when its resources exceed the context): -> the facts
    relevant to the question, with dates and `[Type/id]` references. The model is told not to answer, so a
    summary stays a list of facts. MERGE condenses several part-summaries of one type the same way.
-4. ANSWER: question + the summaries -> the answer, keeping the references; `answer_format` (from the
+4. ANSWER: question + demographics (the demographics tool) + the summaries -> the answer, keeping the references; `answer_format` (from the
    caller, e.g. EHRQA's "Final Answer: X" rule) is appended.
 
 `RETRY` is appended to a step's prompt when its first answer could not be parsed (once).
@@ -62,6 +62,8 @@ Merge them into one list of the facts relevant to the question, one per line, ke
 ANSWER = """You are a clinical assistant. Answer a question about patient {patient_id} from facts taken from the patient's FHIR record.
 
 Question: {question}
+
+The patient: {demographics}
 
 Facts from the record, by resource type:
 {summaries}

@@ -15,15 +15,17 @@ medication's name or the reason's condition is readable without another call.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from openmedgemma.ehr.fhir import (
-    SYSTEM_NAMES, codings_of, concept_text, date_of, human_name, label_of, system_name,
+    CLINICAL_TYPES, SYSTEM_NAMES, codings_of, concept_text, date_of, human_name, label_of, system_name,
 )  # fmt: skip
 from openmedgemma.ehr.store import RecordStore
 from openmedgemma.errors import RecordError
 
+_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 DROPPED = {"meta", "text", "identifier", "extension", "modifierExtension", "resourceType", "id", "fullUrl", "search",
            "subject", "patient", "beneficiary", "contained"}  # fmt: skip
 DROPPED_BY_TYPE = {"Observation": {"issued"}, "DiagnosticReport": {"issued"}}
@@ -181,6 +183,11 @@ class Tools:
 
     def resources(self, patient_id: str, fhir_resource: str, filter_code: str | list | None = None,
                   date_from: str | None = None, date_to: str | None = None) -> ToolResult:  # fmt: skip
+        if fhir_resource not in CLINICAL_TYPES:
+            raise RecordError(f"fhir_resource {fhir_resource!r} is not one of {', '.join(CLINICAL_TYPES)}")
+        for name, value in (("date_from", date_from), ("date_to", date_to)):
+            if value and not _DATE.match(str(value)):
+                raise RecordError(f"{name} {value!r} is not a date (YYYY, YYYY-MM or YYYY-MM-DD)")
         codes = filter_code if isinstance(filter_code, list) else str(filter_code or "").split(",")
         codes = [str(c).strip() for c in codes if str(c).strip()]
         args = {"patient_id": patient_id, "fhir_resource": fhir_resource, "filter_code": ",".join(codes),
