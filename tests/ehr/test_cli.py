@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from openmedgemma.cli import main
+from openmedgemma.ehr.fhir import patient_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +63,7 @@ def test_ask_with_the_nano_model(index_path, store):
     assert answer["evidence"], "the navigator read no resource"
     for ref in answer["evidence"]:  # every retrieved reference is a real resource of this patient
         resource = store.read(ref)
-        assert resource is not None and resource["subject"]["reference"] == f"Patient/{pid}"
+        assert resource is not None and patient_of(resource) == pid
     assert set(answer["citations"]) <= set(answer["evidence"])
     assert all(isinstance(e.get("reply", ""), str) for e in answer["trace"])
 
