@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "openmedgemma.eval.cli",
     "openmedgemma.engine.cli",
     "openmedgemma.train.cli",
+    "openmedgemma.ehr.cli",
     "openmedgemma.serve.cli",
 ]
 

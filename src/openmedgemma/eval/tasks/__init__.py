@@ -8,7 +8,7 @@ from typing import Any
 
 from openmedgemma.errors import ConfigError
 
-from . import classification, mcq, report_gen, siglip_tasks, vqa  # noqa: F401  (they register tasks)
+from . import classification, ehrqa, mcq, report_gen, siglip_tasks, vqa  # noqa: F401  (they register tasks)
 from .base import TASKS, ChatTask, Example, Task, register
 from .embedding import EmbeddingTask
 
