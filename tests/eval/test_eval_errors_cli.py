@@ -142,7 +142,7 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     for info in list_tasks():
         assert info["name"] in out
-    assert len(list_tasks()) == 20
+    assert len(list_tasks()) == 21  # the report's 20 and ehrqa
 
 
 def test_cli_errors(shared_data, tmp_path, monkeypatch):
