@@ -41,6 +41,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import describe  # noqa: E402
 
 from openmedgemma.config import MedGemmaConfig, get_config  # noqa: E402
 from openmedgemma.engine import KVCache  # noqa: E402
@@ -262,14 +265,6 @@ def four_b(tokens: dict[str, tuple[int, int]], chunk: int = 2048, vision_batch: 
     return out
 
 
-def machine() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lscpu.splitlines() if line.startswith("Flags")), [])
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return f"{model} ({os.cpu_count()} cores; flags {' '.join(wanted) or 'none of avx2/avx512'})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slices", type=int, default=85)
@@ -282,10 +277,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child[0], args.child[1], Path(args.child[2]), args.child[3], args)
-    print(f"machine: {machine()}; torch {torch.__version__}; threads {args.threads}; {datetime.date.today()}")
+    torch.set_num_threads(args.threads)
+    print(f"machine: {describe()}; {datetime.date.today()}")
     data = Path(os.environ.get("OPENMEDGEMMA_DATA", ROOT.parent / "shared" / "data"))
     series = data / "dicom" / "pacsman_synthetic" / "dicomseries"
-    report = dict(machine=machine(), torch=torch.__version__, date=str(datetime.date.today()), cases={})
+    report = dict(machine=describe(), torch=torch.__version__, date=str(datetime.date.today()), cases={})
     tokens = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ckpt"

@@ -42,6 +42,7 @@ from openmedgemma.errors import OpenMedGemmaError
 from openmedgemma.tokenizer.thinking import split_thinking
 
 DEFAULT_PREFILL_BUDGET = 512
+DEFAULT_MAX_MODEL_LEN = 8192  # rows are preallocated: the 4B's 128k context x 16 rows would need ~100 GB fp32
 
 
 class QueueFull(OpenMedGemmaError):
@@ -60,7 +61,7 @@ class Scheduler:
 
     max_batch: sequences decoded together (cache rows); max_queue: requests waiting beyond those
     (`submit` raises QueueFull past it); max_model_len: prompt + answer tokens per sequence (default
-    the model's context); prefill_budget: prompt tokens prefilled per step; prefix_cache_bytes: the
+    the model's context, at most 8192; every row holds that many, so it sizes the KV cache); prefill_budget: prompt tokens prefilled per step; prefix_cache_bytes: the
     prefix cache's size (0: off). observer: optional metrics hooks (see `serve.metrics`).
     """
 
@@ -74,8 +75,10 @@ class Scheduler:
         if engine.decoder and engine.decoder.compile:
             raise OpenMedGemmaError("the scheduler runs eager decode steps; use an Engine without compile=True")
         context = model.config.text.max_position_embeddings
-        self.max_model_len = min(max_model_len or context, context)
+        self.max_model_len = min(max_model_len or min(context, DEFAULT_MAX_MODEL_LEN), context)
         self.max_batch, self.max_queue, self.prefill_budget = max_batch, max_queue, prefill_budget
+        self.kv_bytes = SlotCache.nbytes_for(model.language_model.config, max_batch, self.max_model_len, model.dtype)
+        _check_memory(self.kv_bytes, model.device, max_batch, self.max_model_len)
         self.slots = SlotCache(model.language_model.config, max_batch, self.max_model_len, model.dtype, model.device)
         self.prefixes = _PrefixCache(prefix_cache_bytes)
         self.observer = observer
@@ -187,7 +190,7 @@ class Scheduler:
             if budget <= 0:
                 break
         if self.observer is not None:
-            self.observer.step(running=len(self.running), waiting=len(self.waiting) + len(self.prefilling))
+            self.observer.step(running=self.active, waiting=len(self.waiting), batch=len(self.running))
 
     # ------------------------------------------------------------------ prefill
 
@@ -293,7 +296,7 @@ class Scheduler:
             seq.last_token_at = now
             seq.last_token = token
             lps = [logprobs[i]] if i in logprobs else None
-            if token in self.stop_ids:
+            if token in self.stop_ids and not seq.request.ignore_eos:
                 seq.text.ids.append(token)
                 self._finish(seq, STOP_TOKEN, logprobs=lps)
             elif seq.text.push(token):
@@ -338,6 +341,21 @@ class Scheduler:
         if self.observer is not None:
             self.observer.finished(seq, reason, error)
         seq.request.on_event(Finished(rest, result, reason, logprobs, error))
+
+
+def _check_memory(need: int, device, rows: int, length: int) -> None:
+    """Refuse a KV cache that cannot fit, before allocating it, with the knobs that shrink it."""
+    import psutil
+
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    if need > 0.9 * free:
+        raise OpenMedGemmaError(
+            f"the KV cache for {rows} rows x {length} tokens needs {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB "
+            "are free; lower --max-batch or --max-model-len"
+        )
 
 
 class _PrefixCache:

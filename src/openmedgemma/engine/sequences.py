@@ -55,12 +55,14 @@ class Finished:
 
 @dataclass
 class Request:
-    """prompt: `Engine.prepare(messages)`; logprobs: None (off) or how many alternatives per token."""
+    """prompt: `Engine.prepare(messages)`; logprobs: None (off) or how many alternatives per token;
+    ignore_eos: generate `max_new_tokens` even past the end-of-turn token (benchmarks, as vLLM's)."""
 
     prompt: Any
     config: GenerationConfig
     on_event: Callable[[Delta | Finished], None]
     logprobs: int | None = None
+    ignore_eos: bool = False
     request_id: str = ""
     arrival: float = field(default_factory=time.perf_counter)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)

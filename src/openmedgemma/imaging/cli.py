@@ -14,10 +14,12 @@ deid IN OUT: de-identifies a DICOM file, or every DICOM file of a folder into a 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from openmedgemma.errors import ImageError
+from openmedgemma.imaging.pacs_cli import add_dicomweb_arguments
 
 
 def register(subparsers) -> None:
@@ -28,7 +30,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     preview.add_argument("source", metavar="FILE", nargs="?", help="image file, a folder holding one DICOM series, "
-                         "or a zip of one")  # fmt: skip
+                         "or a zip of one (or --dicomweb below)")  # fmt: skip
     preview.add_argument("--out", required=True, metavar="PNG", help="PNG file to write")
     windows = preview.add_mutually_exclusive_group()
     windows.add_argument("--preset", help="CT window preset: medgemma (default) or report-v4")
@@ -49,6 +51,7 @@ def register(subparsers) -> None:
     preview.add_argument("--patch-seed", type=int, default=0, metavar="S", help="slides: subsample seed (0)")
     preview.add_argument("--tile", type=int, metavar="PX", help="side of each image in a contact sheet "
                          "(default: native for slices, 256 for patches)")  # fmt: skip
+    add_dicomweb_arguments(preview)
     preview.set_defaults(func=run_preview)
 
     deid = subparsers.add_parser(
@@ -56,12 +59,13 @@ def register(subparsers) -> None:
         help="de-identify DICOM files (PS3.15 Basic Application Level Confidentiality Profile)",
         description="De-identify a DICOM file or a folder tree into OUT (never modifies IN).",
     )
-    deid.add_argument("source", metavar="IN", help="DICOM file or folder")
-    deid.add_argument("target", metavar="OUT", help="output file or folder (must not be IN or inside IN)")
+    deid.add_argument("source", metavar="IN", nargs="?", help="DICOM file or folder (none with --dicomweb)")
+    deid.add_argument("target", metavar="OUT", nargs="?", help="output file or folder (must not be IN or inside IN)")
     deid.add_argument(
         "--allow-burned-in", action="store_true",
         help="also process files flagged BurnedInAnnotation=YES (their pixels may still show PHI)",
     )
+    add_dicomweb_arguments(deid, slides=False)
     deid.set_defaults(func=run_deid)
 
 
@@ -75,43 +79,61 @@ def _windows(args) -> object:
 
 
 def run_preview(args) -> int:
-    import numpy as np
-    from PIL import Image
-
-    from openmedgemma.imaging.inputs import contact_sheet, slides_input, volume_input
+    from openmedgemma.imaging.inputs import slides_input, volume_input
 
     windows = _windows(args)  # argument errors before any reading
+    if args.dicomweb:
+        from openmedgemma.imaging.pacs_cli import run_preview_dicomweb
+
+        return run_preview_dicomweb(args, windows)
     if (args.source is None) == (not args.slide):
-        raise ImageError("preview takes one image / series / volume, or --slide FILE (repeatable), not both")
+        raise ImageError("preview takes one image / series / volume, or --slide FILE (repeatable), not both "
+                         "(or --dicomweb URL --study UID)")  # fmt: skip
     if args.slide:
         if args.slice is not None:
             raise ImageError("--slice applies to a series or volume, not to slides")
         made = slides_input(args.slide, magnification=args.magnification, max_patches=args.max_patches,
                             patch_size=args.patch_size, seed=args.patch_seed)  # fmt: skip
-        source = made.summary["source"]
         what = f"contact sheet of {len(made.images)} patches from {len(args.slide)} slide(s)"
-        tile = args.tile or 256
-    else:
-        source = args.source
-        made = volume_input(source, preset=windows, max_slices=args.max_slices, series_uid=args.series_uid,
-                            modality=args.modality)  # fmt: skip
-        total = made.summary["total_slices"]
-        what = f"contact sheet of {len(made.images)} of {total} slices"
-        tile = args.tile
+        return _write_made(made, args, made.summary["source"], what, args.tile or 256)
+    made = volume_input(args.source, preset=windows, max_slices=args.max_slices, series_uid=args.series_uid,
+                        modality=args.modality)  # fmt: skip
+    what = f"contact sheet of {len(made.images)} of {made.summary['total_slices']} slices"
+    return _write_made(made, args, args.source, what, args.tile)
+
+
+def _write_made(made, args, source, what: str, tile: int | None) -> int:
+    """A 2-D image as it is, `--slice N` of a volume, or the labelled contact sheet of what the model sees."""
+    from openmedgemma.imaging.inputs import contact_sheet as labelled_sheet
+
     for warning in made.warnings:
         print(f"openmedgemma preview: warning: {warning}", file=sys.stderr)
     if made.summary["kind"] == "image":
         if args.slice is not None:
             raise ImageError(f"{source}: --slice applies to a series or volume; this is one 2-D image")
-        rgb, what = made.images[0], "image"
-    elif args.slice is not None:
+        return save_preview(made.images[0], args.out, "image")
+    if args.slice is not None:
         if not 1 <= args.slice <= len(made.images):
             raise ImageError(f"{source}: --slice {args.slice} is outside SLICE 1..{len(made.images)}")
-        rgb, what = made.images[args.slice - 1], f"SLICE {args.slice} of {len(made.images)}"
-    else:
-        captions = [""] * len(made.images) if args.no_labels else made.captions
-        rgb = contact_sheet(made.images, captions, tile)
-    out = Path(args.out)
+        return save_preview(made.images[args.slice - 1], args.out, f"SLICE {args.slice} of {len(made.images)}")
+    captions = [""] * len(made.images) if args.no_labels else made.captions
+    return save_preview(labelled_sheet(made.images, captions, tile), args.out, what)
+
+
+def write_preview(image, args, windows, source) -> int:
+    """Write the PNG of `args.out` for a loaded image or volume (`--slice N`, else a contact sheet)."""
+    from openmedgemma.imaging.inputs import volume_input
+
+    made = volume_input(image, preset=windows, max_slices=getattr(args, "max_slices", 85))
+    what = f"contact sheet of {len(made.images)} of {made.summary['total_slices']} slices"
+    return _write_made(made, args, source, what, getattr(args, "tile", None))
+
+
+def save_preview(rgb, out, what: str) -> int:
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(rgb)).save(out, format="PNG")
@@ -121,7 +143,28 @@ def run_preview(args) -> int:
     return 0
 
 
+def contact_sheet(slices):
+    """[n, H, W, 3] -> one [rows*H, cols*W, 3] image, row-major, cols = ceil(sqrt(n)) (no labels; see
+    imaging.inputs.contact_sheet for the labelled sheet of a prompt's images)."""
+    import numpy as np
+
+    count, height, width = slices.shape[:3]
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    sheet = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
+    for index, tile in enumerate(slices):
+        r, c = divmod(index, columns)
+        sheet[r * height:(r + 1) * height, c * width:(c + 1) * width] = tile
+    return sheet
+
+
 def run_deid(args) -> int:
+    if args.dicomweb:
+        from openmedgemma.imaging.pacs_cli import run_deid_dicomweb
+
+        return run_deid_dicomweb(args)
+    if args.source is None or args.target is None:
+        raise ImageError("deid needs IN and OUT (or --dicomweb URL --study UID OUT)")
     from tqdm import tqdm
 
     from openmedgemma.imaging.deid import UIDMapper

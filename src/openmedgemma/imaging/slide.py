@@ -9,7 +9,8 @@ tiles the several slides of one case under one cap, stratified by slide.
 Tissue: HSV saturation >= 25 and value >= 50 (0..255 scale): glass background is bright and
 unsaturated, stained tissue is saturated, and black borders / markings are dark.
 Magnification comes from the slide's objective power, else from its microns per pixel
-(10x ~ 1.0 um/px). Slides are read with tiffslide (SVS, generic pyramidal TIFF, ...).
+(10x ~ 1.0 um/px). Slides are read with tiffslide (SVS, generic pyramidal TIFF, ...); a folder holding a
+DICOM whole-slide image, or a slide already opened from a DICOMweb store, with wsidicom (imaging.dicom_slide).
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ class SlidePlan:
     magnification: float
     base_magnification: float
     patch: int
+    opened: object = None  # the slide object when one was passed in open (it stays open for its owner)
 
 
 def tile_slide(
-    path: str | Path,
+    path,
     magnification: float,
     max_patches: int = 126,
     patch: int = 896,
@@ -118,20 +120,21 @@ def allocate(available: list[int], total: int) -> list[int]:
 
 
 def plan_slide(
-    path: str | Path,
+    path,
     magnification: float,
     patch: int = 896,
     *,
     min_tissue: float = 0.5,
     max_pixels: int | None = None,
 ) -> SlidePlan:
-    """The tissue cells of a slide's patch grid at `magnification` (no patch read yet)."""
-    name = str(path)
+    """The tissue cells of a slide's patch grid at `magnification` (no patch read yet). path: a slide file, a
+    folder holding a DICOM whole-slide image, or an opened DicomSlide (imaging.dicom_slide, e.g. from DICOMweb)."""
+    opened = not isinstance(path, (str, Path))
+    name = path.name if opened else str(path)
     if patch < 1 or not 0.0 <= min_tissue <= 1.0 or not magnification > 0:
         raise ImageError(f"{name}: invalid tiling request (patch {patch}, min_tissue {min_tissue}, "
                          f"magnification {magnification})")  # fmt: skip
-    read_head(path)  # missing / empty file -> ImageError
-    slide = _open(name)
+    slide = path if opened else _open(Path(path))
     try:
         base = base_magnification(slide, name)
         if magnification > base * (1 + 1e-6):
@@ -151,19 +154,20 @@ def plan_slide(
     except Exception as err:
         raise ImageError(f"{name}: slide cannot be read ({short_reason(err)})") from None
     finally:
-        slide.close()
+        if not opened:
+            slide.close()
     if not cells:
         raise ImageError(f"{name}: no tissue found: none of the {grid[0] * grid[1]} patches of the {grid[0]}x{grid[1]} "
                          f"grid at {magnification:g}x is {min_tissue:.0%} tissue (HSV saturation >= {SATURATION_MIN}, "
                          f"value >= {VALUE_MIN})")  # fmt: skip
-    return SlidePlan(name, cells, step, grid, float(magnification), base, patch)
+    return SlidePlan(name, cells, step, grid, float(magnification), base, patch, path if opened else None)
 
 
 def read_patches(plan: SlidePlan, cells: list[tuple[int, int]]) -> SlidePatches:
     """The patches of `cells` (in the order given) as uint8 [patch, patch, 3] arrays."""
     name, step = plan.source, plan.step
     coordinates = [(int(round(c * step)), int(round(r * step))) for r, c in cells]
-    slide = _open(name)
+    slide = plan.opened or _open(Path(name))
     try:
         patches = [_read_patch(slide, name, xy, step, plan.patch) for xy in coordinates]
     except ImageError:
@@ -171,7 +175,8 @@ def read_patches(plan: SlidePlan, cells: list[tuple[int, int]]) -> SlidePatches:
     except Exception as err:
         raise ImageError(f"{name}: slide cannot be read ({short_reason(err)})") from None
     finally:
-        slide.close()
+        if plan.opened is None:
+            slide.close()
     return SlidePatches(patches, coordinates, plan.magnification, plan.base_magnification, plan.grid_shape,
                         len(plan.cells), name)  # fmt: skip
 
@@ -190,9 +195,15 @@ def _check_level(slide, name: str, downsample: float, what: str, base: float) ->
                          "with a pyramid")  # fmt: skip
 
 
-def _open(name: str):
+def _open(path: Path):
     import tiffslide
 
+    name = str(path)
+    if path.is_dir():
+        from openmedgemma.imaging.dicom_slide import open_folder_slide
+
+        return open_folder_slide(path)
+    read_head(path)  # missing / empty file -> ImageError
     try:
         return tiffslide.TiffSlide(name)
     except Exception as err:

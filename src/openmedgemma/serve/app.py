@@ -36,6 +36,7 @@ class ServerConfig:
     max_images: int = 128  # per request, after series expansion (85 slices fit)
     max_tokens_cap: int | None = None  # None: the model's context
     media: MediaLimits = field(default_factory=MediaLimits)
+    dicomweb: Any = None  # the imaging.dicomweb.DicomWebSource of `serve --dicomweb URL`, or None
     drain_seconds: float = 120.0
 
 
@@ -142,11 +143,13 @@ def create_app(state: ServerState, *, loader=None) -> FastAPI:
             for m in state.models.values()
         ])  # fmt: skip
 
-    from openmedgemma.serve import chat, embeddings
+    from openmedgemma.serve import chat, embeddings, page, preview
 
     api.include_router(chat.router)
     api.include_router(embeddings.router)
+    api.include_router(preview.router)  # POST /v1/preview: what the model sees (the web page's)
     app.include_router(api)
+    page.mount_page(app)  # the web page at / (no key needed to load it; it holds no data)
     return app
 
 

@@ -26,6 +26,7 @@ from openmedgemma.engine.sequences import Request as EngineRequest
 from openmedgemma.errors import OpenMedGemmaError
 from openmedgemma.serve import tools as tooling
 from openmedgemma.serve.app import APIError, ServerState, ready_state
+from openmedgemma.serve.dicomweb import content_from_dicomweb, is_dicomweb_url
 from openmedgemma.serve.media import MediaError, content_from_image_url
 from openmedgemma.serve.protocol import (
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs,
@@ -45,7 +46,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     conversation = await run_in_threadpool(_conversation, body, state, functions, forced)
     prompt = await run_in_threadpool(engine.prepare, conversation)
     configs = _configs(body, len(prompt.ids), scheduler.max_model_len, state.config.max_tokens_cap)
-    run = _Run(state, prompt, configs, body.top_logprobs or 0 if body.logprobs else None)
+    run = _Run(state, prompt, configs, body.top_logprobs or 0 if body.logprobs else None, body.ignore_eos)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     log.info("%s: %d prompt tokens, %d image(s), n=%d, stream=%s", rid, len(prompt.ids), len(prompt.pixels),
              body.n, body.stream)  # fmt: skip
@@ -66,8 +67,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 class _Run:
     """The n sequences of one request and their events, handed from the scheduler thread to asyncio."""
 
-    def __init__(self, state: ServerState, prompt, configs: list[GenerationConfig], logprobs: int | None):
+    def __init__(self, state: ServerState, prompt, configs: list[GenerationConfig], logprobs: int | None,
+                 ignore_eos: bool = False):  # fmt: skip
         self.state, self.prompt, self.configs, self.logprobs = state, prompt, configs, logprobs
+        self.ignore_eos = ignore_eos
         self.queue: asyncio.Queue = asyncio.Queue()
         self.requests: list[EngineRequest] = []
         self.texts = [""] * len(configs)
@@ -80,7 +83,7 @@ class _Run:
             def deliver(event, i=i):
                 loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
 
-            request = EngineRequest(self.prompt, config, deliver, logprobs=self.logprobs)
+            request = EngineRequest(self.prompt, config, deliver, logprobs=self.logprobs, ignore_eos=self.ignore_eos)
             try:
                 self.state.scheduler.submit(request)
             except OpenMedGemmaError:
@@ -107,15 +110,18 @@ class _Run:
 
     async def wait(self, request: Request) -> list[Finished]:
         """All choices' final events; cancels them if the client disconnects first."""
+        checked = time.monotonic()
         while not self.done:
             try:
                 i, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                self.record(i, event)
             except asyncio.TimeoutError:
+                pass
+            if time.monotonic() - checked >= 0.5:  # also while tokens keep coming
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     self.cancel()
-                    raise APIError(499, "client disconnected", None, "client_closed", "server_error") from None
-                continue
-            self.record(i, event)
+                    raise APIError(499, "client disconnected", None, "client_closed", "server_error")
         return self.finals  # type: ignore[return-value]
 
     def usage(self) -> Usage:
@@ -195,8 +201,13 @@ def _conversation(body: ChatCompletionRequest, state: ServerState, functions, fo
                 elif kind == "image_url":
                     url = part.get("image_url")
                     url = url.get("url") if isinstance(url, dict) else url
-                    items = content_from_image_url(url, preset=preset, field=f"{field}.image_url",
-                                                   limits=state.config.media)  # fmt: skip
+                    if is_dicomweb_url(url):  # a study on the store `serve --dicomweb` names
+                        items = content_from_dicomweb(url, state.config.dicomweb, preset=preset,
+                                                      field=f"{field}.image_url",
+                                                      limits=state.config.media)  # fmt: skip
+                    else:
+                        items = content_from_image_url(url, preset=preset, field=f"{field}.image_url",
+                                                       limits=state.config.media)  # fmt: skip
                     images += sum(1 for item in items if item["type"] == "image")
                     if images > state.config.max_images:
                         raise MediaError(f"{field}: more than {state.config.max_images} images in one request "

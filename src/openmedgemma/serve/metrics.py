@@ -33,11 +33,12 @@ class Metrics:
                             ["route", "status"], registry=r)  # fmt: skip
 
     # scheduler observer hooks (called on the scheduler thread)
-    def step(self, running: int, waiting: int) -> None:
+    def step(self, running: int, waiting: int, batch: int) -> None:
+        """running: admitted (prefilling or decoding); batch: sequences in this step's decode."""
         self.running.set(running)
         self.waiting.set(waiting)
-        if running:
-            self.batch_size.observe(running)
+        if batch:
+            self.batch_size.observe(batch)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
