@@ -58,7 +58,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     volume.add_argument("--modality", help="modality of files without one (e.g. CT for a NIfTI in Hounsfield units)")
     slides = parser.add_argument_group("whole-slide images (--slide)")
     slides.add_argument("--slide", action="append", default=[], metavar="FILE",
-                        help="a whole-slide image of the case (SVS, pyramidal TIFF; repeatable)")  # fmt: skip
+                        help="a whole-slide image of the case (SVS, pyramidal TIFF, a DICOM WSI folder; "
+                        "repeatable)")  # fmt: skip
     slides.add_argument("--magnification", type=float, default=10.0, metavar="X", help="objective magnification "
                         "the patches are cut at (default 10)")  # fmt: skip
     slides.add_argument("--max-patches", type=int, default=126, metavar="N",

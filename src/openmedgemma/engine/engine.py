@@ -262,7 +262,7 @@ class Engine:
         """Prompt ids (images expanded to their soft tokens) and pixel values of one conversation.
 
         Volumes and slide cases in the content become their images and labels first; a prompt longer than
-        the model's context is an error (for a volume, saying how many slices fit)."""
+        the model's context is an error when it holds a volume or slide case (saying how many slices fit)."""
         from openmedgemma.imaging.inputs import expand_content
 
         cfg = self.model.config
@@ -278,19 +278,17 @@ class Engine:
         if bad:
             raise OpenMedGemmaError(f"{self.tokenizer.source}: token id {bad[0]} is beyond the model's vocabulary "
                                     f"({vocab}); the tokenizer does not belong to this model")  # fmt: skip
-        if len(ids) >= cfg.text.max_position_embeddings:
-            raise self._too_long(messages, len(ids))
+        group = next(_groups_of(messages), None)
+        if group is not None and len(ids) >= cfg.text.max_position_embeddings:
+            raise self._too_long(messages, len(ids), group)
         return _Prompt(ids, pixels, inputs)
 
-    def _too_long(self, messages, length: int) -> OpenMedGemmaError:
-        """The error for a prompt that leaves no room for an answer; for a volume, how many slices fit."""
+    def _too_long(self, messages, length: int, group: tuple[str, int, str]) -> OpenMedGemmaError:
+        """The error for a volume / slide case that leaves no room for an answer: how many slices fit. (Other
+        prompts are not refused here: RoPE runs past the trained length, and servers set their own limit.)"""
         from openmedgemma.imaging.inputs import without_group
 
         context = self.model.config.text.max_position_embeddings
-        problem = f"the prompt takes {length:,} tokens and this model's context is {context:,}"
-        group = next((g for g in _groups_of(messages)), None)
-        if group is None:
-            return OpenMedGemmaError(f"{problem}: shorten it or send fewer images")
         source, count, unit = group
         rest = len(self.tokenizer.encode_chat(without_group(messages, source),
                                               image_seq_length=self.model.config.mm_tokens_per_image))  # fmt: skip
