@@ -106,10 +106,13 @@ def test_too_many_images(server):
 
 def test_prompt_longer_than_the_context_names_both_lengths(server, shared_data):
     folder = shared_data / "dicom" / "pacsman_synthetic" / "dicomseries"
-    error = error_of(post(server, user(image(series_zip(sorted(folder.iterdir()))))), 400)
-    # 128 slices sampled to 85, 85 x (16 soft tokens + 2 markers) + labels > 2048
-    assert "the prompt is 2" in error["message"] and "context is 2048 tokens" in error["message"]
-    assert error["code"] == "context_length_exceeded"
+    series = image(series_zip(sorted(folder.iterdir())))
+    error = error_of(post(server, user(series)), 400)
+    # 128 slices sampled to 85, 85 x (16 soft tokens + 2 markers + a label) > 2048
+    assert error["message"].startswith("messages[0].content[0].image_url: 85 slices make a prompt of 2,")
+    assert "this model's context is 2,048: at most 75 slices fit (set max_slices" in error["message"]
+    fits = post(server, {**user(series), "max_slices": 75})  # as the error says: the extension field
+    assert fits.status_code == 200 and fits.json()["usage"]["prompt_tokens"] <= 2048
     long_text = {"messages": [{"role": "user", "content": "word " * 1500}], "max_tokens": 1000}
     error = error_of(post(server, long_text), 400)
     assert "max_tokens is 1000" in error["message"] and "> the model's context of 2048" in error["message"]

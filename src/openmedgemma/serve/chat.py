@@ -207,7 +207,7 @@ def _conversation(body: ChatCompletionRequest, state: ServerState, functions, fo
                                                       limits=state.config.media)  # fmt: skip
                     else:
                         items = content_from_image_url(url, preset=preset, field=f"{field}.image_url",
-                                                       limits=state.config.media)  # fmt: skip
+                                                       limits=state.config.media, max_slices=body.max_slices)
                     images += sum(1 for item in items if item["type"] == "image")
                     if images > state.config.max_images:
                         raise MediaError(f"{field}: more than {state.config.max_images} images in one request "

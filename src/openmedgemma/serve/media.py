@@ -15,8 +15,6 @@ import binascii
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
 from openmedgemma.errors import ImageError, OpenMedGemmaError
 
 _DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?),", re.IGNORECASE)
@@ -63,13 +61,13 @@ def decode_data_uri(url: str, field: str) -> bytes:
 
 
 def content_from_image_url(url: str, *, preset: str | None = None, field: str = "image_url",
-                           limits: MediaLimits = MediaLimits()) -> list[dict]:  # fmt: skip
+                           limits: MediaLimits = MediaLimits(), max_slices: int | None = None) -> list[dict]:  # fmt: skip
     """Chat content items for one image_url: {"type": "image", "image": uint8 RGB [H, W, 3]} per image
     (the image before the model's resize), each slice of a volume followed by {"type": "text", "text":
     "SLICE n"}. MediaError (naming `field`) for a corrupt, unsupported or oversized image."""
     data = decode_data_uri(url, field)
     try:
-        return _content(data, preset, field, limits)
+        return _content(data, preset, field, limits, max_slices)
     except ImageError as err:
         raise MediaError(_named(str(err), field), field) from None
 
@@ -83,27 +81,13 @@ def _named(message: str, field: str) -> str:
     return f"{field}: {message}"
 
 
-def _content(data: bytes, preset: str | None, field: str, limits: MediaLimits) -> list[dict]:
-    from openmedgemma.imaging.archive import is_zip
-    from openmedgemma.imaging.loader import load_image
-    from openmedgemma.imaging.series import load_series, sample_slices
-    from openmedgemma.imaging.windowing import to_rgb
+def _content(data: bytes, preset: str | None, field: str, limits: MediaLimits, max_slices: int | None) -> list[dict]:
+    """The items `ask --image` builds for a file (imaging.inputs.volume_content); their `group` tags let the
+    engine say how many slices of a volume fit the context."""
+    from openmedgemma.imaging.inputs import volume_content
 
-    if is_zip(data[:4]):
-        from openmedgemma.imaging.archive import read_zip
+    from openmedgemma.imaging.series import MAX_SLICES
 
-        members = read_zip(data, label=field, max_members=limits.zip_members, max_bytes=limits.zip_bytes)
-        image = load_series(members, label=field, max_pixels=limits.max_pixels)
-    else:
-        image = load_image(data, max_pixels=limits.max_pixels)
-    is_volume = image.pixels.ndim == (4 if image.is_colour else 3)
-    if is_volume:
-        image = sample_slices(image)
-    rgb = to_rgb(image, preset if image.modality == "CT" else None)
-    if not is_volume:
-        return [{"type": "image", "image": np.ascontiguousarray(rgb)}]
-    items = []
-    for number, slice_rgb in enumerate(rgb, start=1):
-        items.append({"type": "image", "image": np.ascontiguousarray(slice_rgb)})
-        items.append({"type": "text", "text": f"SLICE {number}"})
-    return items
+    return volume_content(data, preset=preset, label=field, max_slices=max_slices or MAX_SLICES,
+                          max_pixels=limits.max_pixels, max_members=limits.zip_members,
+                          max_bytes=limits.zip_bytes)  # fmt: skip

@@ -2,7 +2,8 @@
 
 Extension fields (ours, ignored by other servers, sent with the openai client's `extra_body`):
   chat: `top_k` (as vLLM), `ct_preset` (CT window preset for DICOM / zipped-series images:
-  "medgemma" (default) or "report-v4"), `show_thinking` (keep the thinking block in `content`
+  "medgemma" (default) or "report-v4"), `max_slices` (slices sampled from a volume, at most and by default
+  85), `show_thinking` (keep the thinking block in `content`
   instead of moving it to `reasoning_content`), `ignore_eos` (as vLLM: generate max_tokens regardless of the
   end-of-turn token; for benchmarks);
   embeddings: an `input` item may be an image as a `data:` URI (PNG, JPEG, DICOM).
@@ -50,6 +51,7 @@ class ChatCompletionRequest(_Body):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     ct_preset: str | None = None
+    max_slices: int | None = Field(default=None, ge=1, le=85)
     show_thinking: bool = False
     ignore_eos: bool = False
 
