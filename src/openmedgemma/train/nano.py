@@ -78,7 +78,7 @@ def training_texts(*configs: TrainConfig) -> list[str]:
             key = source_args(s, cfg.data.data_dir)
             if key not in seen:
                 seen.add(key)
-                texts.update(t for ex in load_source(*key) for t in (ex.prompt, ex.answer) if t)
+                texts.update(t for ex in load_source(*key) for t in ex.texts())
     return sorted(texts)
 
 
