@@ -35,3 +35,12 @@ def test_follow_up_turns_of_the_balanced_test_split(shared_data, tmp_path):
     res = run_task(task, echo, out_dir=tmp_path, limit=60, n_boot=20, progress=False)
     assert res["metrics"]["token_f1"]["value"] < 0.2
 
+
+def test_first_turn_bare_as_a_chat_user_asks(shared_data):
+    report = get_task("vqa-rad-dialogue", shared_data).load_examples()
+    bare = get_task("vqa-rad-dialogue", shared_data, first="bare").load_examples()
+    assert [ex.id for ex in bare] == [ex.id for ex in report] and [ex.messages[1:] for ex in bare] == [ex.messages[1:] for ex in report]
+    for ex, ref in zip(bare, report):
+        assert ex.messages[0]["content"][0] == ref.messages[0]["content"][0]  # the same image
+        assert vqa_prompt(ex.messages[0]["content"][1]["text"]) == ref.messages[0]["content"][1]["text"]
+

@@ -199,12 +199,15 @@ class VqaRadDialogue(VqaRad):
 
     name = "vqa-rad-dialogue"
     description = "VQA-RAD follow-up turns: questions about one image chained into a conversation (balanced test)"
-    option_defaults = {"split": "balanced", "part": "test", "turns": DIALOGUE_TURNS}
+    # first=bare: turn 1 is the bare question too, as a chat user types it (default: the report's VQA prompt)
+    option_defaults = {"split": "balanced", "part": "test", "turns": DIALOGUE_TURNS, "first": "report"}
 
     def load_examples(self) -> list[Example]:
         turns = self.options["turns"]
         if turns < 2:
             raise DataError(f"{self.name}: turns must be >= 2 (a dialogue needs a follow-up), got {turns}")
+        if self.options["first"] not in ("report", "bare"):
+            raise DataError(f"{self.name}: first must be report or bare, got {self.options['first']!r}")
         single = super().load_examples()
         folder = find_containing(self.data_dir, self.folders, self.json_name, self.name)
         rows = {str(r["qid"]): r for r in read_json(folder / self.json_name)}
@@ -213,6 +216,9 @@ class VqaRadDialogue(VqaRad):
         examples = []
         for chain in chains:
             history = list(chain[0].messages)
+            if self.options["first"] == "bare":
+                image = history[0]["content"][0]
+                history = user_turn(str(rows[chain[0].id]["question"]).strip(), image=image["image"])
             for turn, ex in enumerate(chain, 1):
                 if turn > 1:
                     messages = history + [{"role": "user", "content": str(rows[ex.id]["question"]).strip()}]
@@ -229,7 +235,8 @@ class VqaRadDialogue(VqaRad):
         return super().notes() + [
             f"Dialogues: the questions about one image in file order, at most {self.options['turns']} per "
             "dialogue, never two paraphrases of one question (qid_linked_id) in one dialogue. Turn 1 is the "
-            "image with the report's VQA prompt; each follow-up is the bare question. Earlier turns carry the "
+            + ("image with the report's VQA prompt" if self.options["first"] == "report" else "image with the bare question")
+            + "; each follow-up is the bare question. Earlier turns carry the "
             "reference answers (not the model's own), so every follow-up is scored on the same history. Only "
             "follow-up turns are scored (turn 1 is the vqa-rad task)."
         ]
