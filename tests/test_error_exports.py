@@ -30,7 +30,8 @@ def test_package_exports_its_errors(package):
 
 
 def test_errors_import_without_torch():
-    code = "from openmedgemma.imaging import ImageError; from openmedgemma.eval import DataError; import sys; print('torch' in sys.modules)"
+    code = ("from openmedgemma.imaging import ImageError; from openmedgemma.eval import DataError; "
+            "import sys; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

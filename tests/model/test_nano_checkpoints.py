@@ -113,7 +113,9 @@ def test_medsiglip_nano_config_names_the_spiece_ids_and_loads_without_warnings(t
         now = transformers.SiglipModel.from_pretrained(MEDSIGLIP).eval()(**inputs).logits_per_image
         then = transformers.SiglipModel.from_pretrained(old).eval()(**inputs).logits_per_image
     assert transformers.SiglipModel.from_pretrained(old).config.text_config.bos_token_id == 49406
-    assert "bos_token_id must be `None` or an integer within the vocabulary (between 0 and 1023)" in transformers_warnings(old)
+    assert "bos_token_id must be `None` or an integer within the vocabulary (between 0 and 1023)" in (
+        transformers_warnings(old)
+    )
     assert torch.equal(now, then)
 
 

@@ -116,7 +116,7 @@ class LMCollator:
                 if len(messages) > 1:
                     messages.append({"role": "user", "content": question})
                 # each turn's prompt is exactly what chat generation starts from after the earlier turns
-                prompt = self.tok.encode_chat(messages, add_generation_prompt=True, image_seq_length=self.image_seq_length)
+                prompt = self.tok.encode_chat(messages, image_seq_length=self.image_seq_length)  # + generation prompt
                 if prompt[: len(ids)] != ids:
                     raise DataError(f"{ex.source}: the tokenizer merges text across a turn boundary of this conversation")
                 answer_ids = self.tok.encode(answer.strip()) + [self.tok.end_of_turn_id]

@@ -108,7 +108,9 @@ class IuXrayReport(ReportTask):
         if split:
             raise DataError(f"{self.name}: split={split} needs R2Gen's {rf.R2GEN_FILE} (the CSV and XML forms have "
                             f"no split), none found under {root}")  # fmt: skip
-        raise DataError(f"{self.name}: none of {rf.R2GEN_FILE}, indiana_reports.csv or ecgen-radiology/ found under {root}")
+        raise DataError(
+            f"{self.name}: none of {rf.R2GEN_FILE}, indiana_reports.csv or ecgen-radiology/ found under {root}"
+        )
 
 
 @register

@@ -223,7 +223,8 @@ class VqaRadDialogue(VqaRad):
                 if turn > 1:
                     messages = history + [{"role": "user", "content": str(rows[ex.id]["question"]).strip()}]
                     history_ids = [earlier.id for earlier in chain[: turn - 1]]
-                    examples.append(Example(ex.id, messages, ex.target, {**ex.meta, "turn": turn, "history": history_ids}))
+                    meta = {**ex.meta, "turn": turn, "history": history_ids}
+                    examples.append(Example(ex.id, messages, ex.target, meta))
                     history = messages
                 history = history + [{"role": "assistant", "content": ex.target}]
         if not examples:
@@ -232,11 +233,11 @@ class VqaRadDialogue(VqaRad):
         return examples
 
     def notes(self) -> list[str]:
+        first = "report's VQA prompt" if self.options["first"] == "report" else "bare question"
         return super().notes() + [
             f"Dialogues: the questions about one image in file order, at most {self.options['turns']} per "
             "dialogue, never two paraphrases of one question (qid_linked_id) in one dialogue. Turn 1 is the "
-            + ("image with the report's VQA prompt" if self.options["first"] == "report" else "image with the bare question")
-            + "; each follow-up is the bare question. Earlier turns carry the "
+            f"image with the {first}; each follow-up is the bare question. Earlier turns carry the "
             "reference answers (not the model's own), so every follow-up is scored on the same history. Only "
             "follow-up turns are scored (turn 1 is the vqa-rad task)."
         ]
