@@ -4,6 +4,7 @@ every stage cut to 2 steps, is deterministic under a seed and writes two folders
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from openmedgemma import MedGemma, MedSigLIP
 from openmedgemma.config import from_hf_config, get_config, read_hf_config
 from openmedgemma.errors import ConfigError
+from openmedgemma.tokenizer import Tokenizer
 from openmedgemma.train import cli as train_cli
 from openmedgemma.train.nano import RECIPE_STAGES, default_recipe_dir, load_recipe, run_nano
 
