@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import in_ci
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,18 @@ def shared_data() -> Path:
     path = find_shared_data()
     if path is None:
         reason = "shared data not found: set $OPENMEDGEMMA_DATA or place it at ../shared/data"
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail(reason + " (CI=true: this is a failure, not a skip)")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture
+def no_network():
+    """Network calls other than loopback fail and are recorded (see tests/netguard.py); the test fails at teardown
+    if any was tried. Yields the guard: `no_network.attempts` lists what was tried."""
+    from tests.netguard import network_blocked
+
+    with network_blocked() as guard:
+        yield guard
+    assert not guard.attempts, f"network calls were attempted: {guard.attempts}"

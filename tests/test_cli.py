@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -11,14 +12,37 @@ from openmedgemma import cli
 from openmedgemma.errors import OpenMedGemmaError
 
 
-def test_help_lists_every_registered_command(capsys):
+def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every registered command and sub-command (e.g. ("train", "sft")), from the parsers themselves."""
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths.append(prefix + (name,))
+                paths += _command_paths(sub, prefix + (name,))
+    return paths
+
+
+def test_help_lists_every_registered_command_and_each_has_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--help"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    for module in cli.COMMAND_MODULES:
-        assert module.startswith("openmedgemma.")
-    assert "preview" in out and "deid" in out
+    top = capsys.readouterr().out
+    paths = _command_paths(cli.build_parser())
+    commands = [p[0] for p in paths if len(p) == 1]
+    # every module registers at least one command; these are the commands the README documents
+    assert len(commands) >= len(cli.COMMAND_MODULES)
+    assert {"preview", "deid", "eval", "ask", "chat", "train"} <= set(commands)
+    assert any(len(p) == 2 for p in paths)  # sub-commands (train STAGE) are walked too
+    for path in paths:
+        if len(path) == 1:
+            assert f"    {path[0]} " in top or f"    {path[0]}\n" in top, f"{path[0]} missing from --help"
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*path, "--help"])
+        assert exit_.value.code == 0, path
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: openmedgemma {' '.join(path)}"), (path, out[:200])
+        assert "-h, --help" in out
 
 
 def test_no_command_prints_help_and_fails(capsys):

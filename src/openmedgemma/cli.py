@@ -16,9 +16,12 @@ from openmedgemma.errors import OpenMedGemmaError
 
 COMMAND_MODULES = [
     "openmedgemma.imaging.cli",
+    "openmedgemma.imaging.pacs_cli",
     "openmedgemma.eval.cli",
     "openmedgemma.engine.cli",
     "openmedgemma.train.cli",
+    "openmedgemma.ehr.cli",
+    "openmedgemma.serve.cli",
 ]
 
 

@@ -23,3 +23,11 @@ class ImageError(OpenMedGemmaError):
 
 class DataError(OpenMedGemmaError):
     """A dataset folder or file is missing or not in the expected format."""
+
+
+class RecordError(DataError):
+    """A FHIR record (bundle, index, server) cannot be read as asked, or a patient / resource is not in it."""
+
+
+class PacsError(OpenMedGemmaError):
+    """A DICOMweb store cannot be reached, refuses the request, or does not hold what was asked."""

@@ -26,6 +26,20 @@ def hf_text(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_mm_wide(tmp_path_factory):
+    """As hf_mm with a 32-token sliding window: an image prompt fits inside the window."""
+    model = tiny.hf_generation_model(tiny.gemma_mm_hf_config({"sliding_window": 32}))
+    folder = tmp_path_factory.mktemp("hf_mm_wide")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def ours_mm_wide(hf_mm_wide):
+    return MedGemma.from_pretrained(hf_mm_wide[1])
+
+
+@pytest.fixture(scope="session")
 def ours_mm(hf_mm):
     return MedGemma.from_pretrained(hf_mm[1])
 

@@ -28,6 +28,12 @@ PROMPTS = {  # name: (model kind, ids, number of images)
     "image": ("mm", tiny.image_prompt(1), 1),
     "two_images": ("mm", tiny.image_prompt(2), 2),
     "text_on_multimodal_model": ("mm", text_prompt(12, seed=4), 0),
+    # prompts shorter than the sliding window: decoding starts with a partly filled ring (a new token must see
+    # itself before the ring is full), and the window is crossed during decoding
+    **{f"text_{n}_tokens": ("text", text_prompt(n, seed=n), 0) for n in (1, 3, 5)},
+    **{f"text_{n}_tokens_on_multimodal_model": ("mm", text_prompt(n, seed=10 + n), 0) for n in (1, 3, 5)},
+    # an image prompt (24 tokens) shorter than the wide model's window (32), crossed after 8 new tokens
+    "image_shorter_than_window": ("mm_wide", tiny.image_prompt(1, text=[]), 1),
 }
 
 
@@ -83,14 +89,20 @@ CASES = [
     ("two_images", 6, True),  # a chunk smaller than an image: chunks grow to keep each image whole
     ("two_images", 20, False),
     ("text_on_multimodal_model", 2048, True),
+    *[(f"text_{n}_tokens", 2048, fast) for n in (1, 3, 5) for fast in (True, False)],
+    *[(f"text_{n}_tokens_on_multimodal_model", 2048, False) for n in (1, 3, 5)],
+    ("text_3_tokens_on_multimodal_model", 2048, True),
+    ("text_5_tokens", 2, False),  # chunks of 2 fill the ring part way before decoding
+    ("image_shorter_than_window", 2048, True),
+    ("image_shorter_than_window", 2048, False),
 ]
 
 
 @pytest.mark.parametrize(("name", "chunk", "fast"), CASES, ids=[f"{n}-chunk{c}-{'fast' if f else 'modules'}"
                                                                 for n, c, f in CASES])  # fmt: skip
-def test_greedy_matches_transformers(name, chunk, fast, hf_mm, hf_text, ours_mm, ours_text):
+def test_greedy_matches_transformers(name, chunk, fast, request):
     kind = PROMPTS[name][0]
-    hf, model = (hf_text[0], ours_text) if kind == "text" else (hf_mm[0], ours_mm)
+    hf, model = request.getfixturevalue(f"hf_{kind}")[0], request.getfixturevalue(f"ours_{kind}")
     ref_tokens, ref_logits = reference(name, hf)
     tokens, logits = ours(model, name, chunk, fast)
     assert tokens == ref_tokens

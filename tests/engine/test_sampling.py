@@ -43,6 +43,16 @@ def test_top_k_top_p_restrict_the_support(top_k, top_p, allowed):
     assert _support(config) == allowed  # every allowed token is drawn, none other
 
 
+@pytest.mark.parametrize(("top_p", "kept"), [(0.25, 1), (0.5, 2), (0.75, 3), (0.375, 2), (0.5000001, 3)])
+def test_top_p_boundary_with_probabilities_exact_in_binary(top_p, kept):
+    """Equal logits give probabilities 1/4 exactly (softmax of zeros), so the running sums 0.25, 0.5, 0.75 are exact:
+    a top_p equal to a running sum keeps exactly the tokens that reach it, never the next one (no float rounding)."""
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, float("-inf")]])
+    assert logits.softmax(-1)[0, :4].tolist() == [0.25] * 4
+    config = GenerationConfig(temperature=1.0, top_p=top_p)
+    assert int(torch.isfinite(filter_logits(logits, config)).sum()) == kept
+
+
 def test_sampled_frequencies_follow_the_renormalized_distribution():
     config = GenerationConfig(temperature=1.0, top_k=3)
     draws = next_tokens(LOGITS.expand(20000, -1), config, torch.Generator().manual_seed(1))

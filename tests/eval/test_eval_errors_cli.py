@@ -13,7 +13,7 @@ from openmedgemma.eval import cli, get_task, list_tasks, loaders
 
 
 def test_unknown_task_and_option():
-    with pytest.raises(ConfigError, match=r"unknown task 'medqa2'; known tasks: .*medqa, .*vqa-rad"):
+    with pytest.raises(ConfigError, match=r"unknown task 'medqa2' \(closest: medqa\b.*\); known tasks: .*medqa, .*vqa-rad"):
         get_task("medqa2", "/nowhere")
     with pytest.raises(
         ConfigError, match=r"task vqa-rad: unknown option\(s\) \['splitt'\]; allowed: part, split"
@@ -142,7 +142,7 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     for info in list_tasks():
         assert info["name"] in out
-    assert len(list_tasks()) == 20
+    assert len(list_tasks()) == 21  # the report's 20 and ehrqa
 
 
 def test_cli_errors(shared_data, tmp_path, monkeypatch):
@@ -152,6 +152,13 @@ def test_cli_errors(shared_data, tmp_path, monkeypatch):
         args.func(args)
     args = parser.parse_args(["eval", "medqa", "--model", "m"])
     with pytest.raises(ConfigError, match="--data-dir is required"):
+        args.func(args)
+    # an unknown task is named (with the closest names) before --data-dir is asked for
+    args = parser.parse_args(["eval", "nosuchtask"])
+    with pytest.raises(ConfigError, match=r"^unknown task 'nosuchtask'; known tasks: .*medqa"):
+        args.func(args)
+    args = parser.parse_args(["eval", "pubmedq", "vqa_rad", "medqa"])
+    with pytest.raises(ConfigError, match=r"^unknown tasks 'pubmedq' \(closest: pubmedqa\b[^)]*\); 'vqa_rad' \(closest: vqa-rad"):
         args.func(args)
     monkeypatch.setenv("OPENMEDGEMMA_MODELS", str(tmp_path / "no-models"))  # no --model: the nano model, missing here
     args = parser.parse_args(["eval", "medqa", "--data-dir", str(shared_data)])

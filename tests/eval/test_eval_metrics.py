@@ -40,6 +40,12 @@ def test_normalization_is_the_stated_one():
         ("", "", 1.0),
         ("the", "a", 1.0),  # both empty after normalisation
         ("", "yes", 0.0),
+        # repeated tokens: the overlap is a multiset (SQuAD's Counter &), each copy counts at most as often as
+        # it appears on both sides; a set would count "effusion" once in all of these
+        ("effusion effusion", "effusion effusion left", 2 * 1.0 * (2 / 3) / (1 + 2 / 3)),  # shared 2: P 1, R 2/3
+        ("effusion effusion effusion", "effusion effusion", 2 * (2 / 3) * 1.0 / (2 / 3 + 1)),  # shared 2: P 2/3, R 1
+        ("no no no no", "no no", 2 * 0.5 * 1.0 / 1.5),  # shared 2: P 2/4, R 2/2
+        ("left lung left lung", "left lung", 2 * 0.5 * 1.0 / 1.5),  # shared 2 of 4 predicted
     ],
 )
 def test_token_f1_hand_worked(prediction, reference, expected):

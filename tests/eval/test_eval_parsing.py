@@ -77,6 +77,15 @@ CHOICE_CASES = [
     ("The answer is not acute angle-closure glaucoma.", EYE, None),  # negated
     ("Acute angle-closure glaucoma is unlikely here; I would say uveitis.", EYE, None),  # two named
     ("This is a hard case that needs more history.", EYE, None),
+    # "answer is (X)" without a final-answer line: the last statement wins (the model corrected itself)
+    ("At first glance the answer is (A), the usual choice. On reflection the effusion matters, so the answer is (C).",
+     OPTIONS4, "C"),
+    ("The answer is B. Re-reading the stem, the answer is D", OPTIONS4, "D"),
+    # standalone capitals in the final-answer line: "A"/"I" + a lower-case word are English, the letter comes later
+    ("Final Answer: A careful reading favours C", OPTIONS4, "C"),
+    ("Final Answer: I would choose D", OPTIONS10, "D"),
+    ("Final Answer: A", OPTIONS4, "A"),  # "A" alone is the letter
+    ("Final Answer: A, because the dose is lowest", OPTIONS10, "A"),  # not followed by a lower-case word
 ]
 
 

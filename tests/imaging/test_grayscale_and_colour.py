@@ -193,3 +193,18 @@ def test_jpeg_baseline_ybr_422_secondary_capture(tmp_path):
     assert np.abs(out - reference).max() <= 3  # two JPEG decoders (libjpeg vs Pillow's) may differ by rounding
     with pytest.raises(ImageError, match="grayscale"):
         to_rgb(load_image(path), "medgemma")
+
+
+def test_explicit_window_on_monochrome1_cr_is_inverted(cr_file):
+    """An explicit window replaces the file's window, not the photometric meaning: MONOCHROME1 is still inverted."""
+    image = load_image(cr_file)
+    assert image.photometric == "MONOCHROME1" and image.modality == "CR"
+    values = image.modality_values()
+    low, high = np.percentile(values, 10), np.percentile(values, 90)
+    expected = np.empty(values.shape, dtype=np.uint8)
+    for index, v in np.ndenumerate(values):  # the CT formula written out per pixel, then the inversion
+        expected[index] = 255 - int(np.round((min(max(float(v), low), high) - low) / (high - low) * 255))
+    rgb = to_rgb(image, [(low, high)])
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], expected)
+    assert len(np.unique(expected)) > 20

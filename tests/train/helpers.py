@@ -157,3 +157,9 @@ def losses(summary: dict, key: str = "loss") -> list[float]:
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
+
+
+def text_length_reward(completion: str, example) -> float:
+    """A reward that varies between random completions (unlike exact match from an untrained model): RL tests
+    name it as "tests.train.helpers:text_length_reward" to make the policy move from the first step."""
+    return float(len(completion))

@@ -167,3 +167,29 @@ def test_grpo_loss_gradient_clipping_kl_and_aggregation():
     assert stats["kl"] == 0.0
     _, _, stats = grpo_loss(logp.detach(), logp.detach(), adv, mask, ref_logp=logp.detach() - 0.3, kl_coef=0.1)
     assert stats["kl"] > 0
+
+
+def test_grpo_kl_is_the_k3_estimator_of_kl_policy_to_reference():
+    """k3 (Schulman 2020) for tokens sampled from the policy pi: r = ref / pi, k3 = r - 1 - log r, whose mean under
+    pi is KL(pi || ref) exactly. Hand-computed values, then the expectation over a whole distribution."""
+    pi = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
+    ref = torch.tensor([[0.125, 0.625, 0.25]], dtype=torch.float64)
+    logp, ref_logp = pi.log(), ref.log()
+    zero = torch.zeros(1, dtype=torch.float64)
+    mask = torch.ones(1, 3)
+    loss, count, stats = grpo_loss(logp, logp, zero, mask, ref_logp=ref_logp, kl_coef=1.0, agg="token")
+    # per token: r = 1/4 -> 1/4 - 1 + ln 4; r = 5/2 -> 5/2 - 1 - ln 5/2; r = 1 -> 0 (advantages 0: the loss is the KL)
+    per_token = [0.25 - 1 + 1.3862943611198906, 2.5 - 1 - 0.9162907318741551, 0.0]
+    assert count == 3
+    assert loss.item() == pytest.approx(sum(per_token), abs=1e-12)
+    assert stats["kl"] == pytest.approx(sum(per_token) / 3, abs=1e-12)
+    # weighted by pi (the sampling distribution), k3 averages to KL(pi || ref), not KL(ref || pi)
+    _, _, weighted = grpo_loss(logp, logp, zero, mask * pi.float(), ref_logp=ref_logp, kl_coef=1.0, agg="token")
+    kl_pi_ref = float((pi * (pi / ref).log()).sum())
+    kl_ref_pi = float((ref * (ref / pi).log()).sum())
+    assert weighted["kl"] == pytest.approx(kl_pi_ref, abs=1e-6) and abs(kl_pi_ref - kl_ref_pi) > 0.01
+    # kl_coef scales the term; its gradient with respect to log pi is 1 - r (pushes pi toward ref)
+    live = logp.clone().requires_grad_(True)
+    loss, _, _ = grpo_loss(live, logp, zero, mask, ref_logp=ref_logp, kl_coef=0.5, agg="token")
+    loss.backward()
+    torch.testing.assert_close(live.grad, 0.5 * (1 - ref / pi))

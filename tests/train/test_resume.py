@@ -94,3 +94,51 @@ def test_output_dir_of_an_earlier_run_needs_resume(tmp_path, mm_dir, shared_data
         train(cfg)
     with pytest.raises(CheckpointError, match="no complete training checkpoint to resume from"):
         train(cfg, resume=tmp_path / "run")
+
+
+def _short_sft(out: Path, mm_dir: Path, data: Path, **train) -> dict:
+    return run_config("sft", out, mm_dir, data, [{"kind": "vqa_rad", "path": "vqa_rad", "split": "train"}],
+                      optim={"lr": 1e-3, "schedule": "linear"},
+                      train={"steps": 4, "batch_size": 2, "checkpoint_every": 2, **train})  # fmt: skip
+
+
+def test_resume_with_more_steps_and_a_new_lr_rebuilds_the_schedule_and_says_so(tmp_path, mm_dir, shared_data, capsys):
+    """A 4-step run (lr 1e-3, linear decay to 0) resumed with steps = 6 and lr = 5e-2: steps 5 and 6 follow the new
+    schedule (5e-2 decaying linearly over 6 steps), not the old one's end (lr 0), and the trainer says so."""
+    from openmedgemma.train.config import config_from_dict
+    from openmedgemma.train.loop import Schedule, Trainer
+
+    out = tmp_path / "run"
+    first = train(_short_sft(out, mm_dir, shared_data))
+    assert [h["lr"] for h in first["history"]] == pytest.approx([1e-3 * (1 - s / 4) for s in range(4)])
+    cfg = _short_sft(out, mm_dir, shared_data, steps=6)
+    cfg["optim"]["lr"] = 5e-2
+    trainer = Trainer(config_from_dict(cfg), resume=out)
+    summary = trainer.run()
+    lrs = [h["lr"] for h in summary["history"]]
+    assert lrs[4:] == pytest.approx([5e-2 * Schedule(0, 6)(s) for s in (4, 5)])  # 0.0167, 0.0083: not 0
+    assert lrs[:4] == pytest.approx([h["lr"] for h in first["history"]])  # history of the first session kept
+    err = capsys.readouterr().err
+    assert "resuming at step 4 with optim.lr 0.001 -> 0.05, train.steps 4 -> 6" in err
+    assert "the lr schedule are rebuilt from the new config" in err and err == f"openmedgemma train: {trainer.resume_note}\n"
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 5e-2  # the run's config is the new one
+
+
+def test_resume_with_a_config_that_breaks_the_run_is_refused_naming_the_keys(tmp_path, mm_dir, shared_data, tok_dir):
+    from tests.train.helpers import write_medgemma
+
+    out = tmp_path / "run"
+    train(_short_sft(out, mm_dir, shared_data))
+    other_model = write_medgemma(tmp_path / "other", tok_dir, seed=5)
+    cfg = _short_sft(out, other_model, shared_data, batch_size=4, steps=6)
+    cfg["data"]["sources"][0]["split"] = "validation"
+    with pytest.raises(CheckpointError) as err:
+        train(cfg, resume=out)
+    message = str(err.value)
+    assert "the config differs from the one this run was trained with" in message
+    assert f"model.path {str(mm_dir)!r} -> {str(other_model)!r}" in message
+    assert "train.batch_size 2 -> 4" in message and "data.sources [" in message
+    assert "train.steps" not in message.split("Restore")[0]  # a schedule change is not what breaks it
+    # bookkeeping may change freely: logging, checkpoint cadence, progress bar
+    ok = _short_sft(out, mm_dir, shared_data, log_every=2, checkpoint_every=0, keep_checkpoints=1)
+    assert [h["step"] for h in train(ok, resume=out)["history"]] == [1, 2, 3, 4]

@@ -169,3 +169,34 @@ def test_pretraining_a_fresh_model_from_a_config_file(tmp_path, tok, tok_dir, sh
     assert math.log(tok.vocab_size) < values[0] < math.log(tok.vocab_size) + 1
     assert mean(values[-3:]) < values[0]
     assert MedGemma.from_pretrained(tmp_path / "run" / "final").config.text.vocab_size == tok.vocab_size
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full-weights", "lora"])
+def test_rl_with_kl_uses_the_starting_model_as_reference(tmp_path, mm_dir, shared_data, lora):
+    """kl_coef > 0: the reference log-probs are the starting model's (a frozen copy with full weights; the same
+    model with its adapters disabled under LoRA), the KL starts at 0 and grows once the policy moves."""
+    from openmedgemma.train.config import config_from_dict
+    from openmedgemma.train.loop import Trainer
+    from openmedgemma.train.modeling import LMModule
+
+    sections = dict(train={"steps": 3, "batch_size": 2}, optim={"lr": 5e-3},
+                    rl={"group_size": 2, "max_new_tokens": 4, "rewards": {"tests.train.helpers:text_length_reward": 1.0},
+                        "rollout": "simple", "kl_coef": 0.5})  # fmt: skip
+    if lora:
+        sections.update(lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "parts": ["language_model"]})
+    trainer = Trainer(config_from_dict(run_config("rl", tmp_path / "rl", mm_dir, shared_data, [PNEUMONIA], **sections)))
+    summary = trainer.run()
+    assert (trainer.stage.ref_model is None) == lora  # LoRA: no copy of the weights
+    kl = losses(summary, "kl")
+    assert kl[0] == 0.0 and kl[-1] > 0, kl  # step 1 samples from the reference itself
+
+    batch = trainer.stage._batches[-1]  # the last rollouts, made after two updates
+    start = LMModule(MedGemma.from_pretrained(mm_dir)).eval()
+    with torch.no_grad():
+        expected = start(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch["pixel_values"], completion_mask=batch["completion_mask"], mode="logp")
+        policy = trainer.stage.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      pixel_values=batch["pixel_values"], completion_mask=batch["completion_mask"],
+                                      mode="logp")  # fmt: skip
+    torch.testing.assert_close(batch["ref_logp"], expected, atol=1e-5, rtol=1e-5)
+    assert (policy - expected).abs().max() > 1e-3  # the policy did move away from the reference

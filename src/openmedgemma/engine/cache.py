@@ -147,3 +147,107 @@ def _shifted_eye(rows: int, cols: int, offset: int, device) -> torch.Tensor:
     i = torch.arange(rows, device=device)
     eye[i, offset + i] = True
     return eye
+
+
+def grown(cache: KVCache, capacity: int) -> KVCache:
+    """A batch-1, unpadded, prefill-only cache copied into a new one of `capacity` >= its length,
+    which can go on prefilling (the prefix cache's snapshots are continued this way).
+
+    The slot layout carries over: a global layer's step t is slot t in both, and a sliding layer's
+    ring (min(window, capacity) slots) holds step t at t % ring; while fewer steps than the old ring
+    were written, t < ring in both, else both rings are the full window.
+    """
+    if cache.padded or cache._decoding or cache.keys[0].shape[0] != 1:
+        raise ValueError("only a batch-1, unpadded cache that has not decoded can be grown")
+    n = cache.length
+    if capacity < n:
+        raise ValueError(f"capacity {capacity} < the {n} steps written")
+    k0 = cache.keys[0]
+    out = KVCache(_ConfigView(cache), 1, capacity, k0.dtype, k0.device)
+    filled = min(n, cache.ring)
+    for idx, kind in enumerate(cache.layer_types):
+        m = n if kind == FULL else filled
+        out.keys[idx][:, :, :m] = cache.keys[idx][:, :, :m]
+        out.values[idx][:, :, :m] = cache.values[idx][:, :, :m]
+    out.pos[:, :n], out.valid[:, :n] = cache.pos[:, :n], cache.valid[:, :n]
+    out.ring_pos[:, :filled], out.ring_valid[:, :filled] = cache.ring_pos[:, :filled], cache.ring_valid[:, :filled]
+    out.length = n
+    return out
+
+
+class _ConfigView:
+    """The few config fields KVCache reads, taken from an existing cache."""
+
+    def __init__(self, cache: KVCache):
+        self.sliding_window, self.layer_types = cache.window, cache.layer_types
+        self.num_key_value_heads, self.head_dim = cache.keys[0].shape[1], cache.keys[0].shape[3]
+
+
+class SlotCache:
+    """KV cache rows for continuous batching: each running sequence owns row r < `rows` with its own
+    length. Rows [0, n) are the running batch (the scheduler keeps them packed: `move` fills a freed row
+    with the last one), so a decode step works on views [:n], without gathers.
+
+    Row r holds its sequence's time step t (= its position: no padding) at slot t on global layers and
+    t % ring on sliding ones, as `KVCache` does for one row; `load` copies a prefilled KVCache in.
+    A decode step writes each row's slot, then attends over the first `span` slots with a mask per row
+    (no mask at all for a single row, so that step is the one `Engine` runs).
+    """
+
+    def __init__(self, config: GemmaTextConfig, rows: int, capacity: int, dtype: torch.dtype, device):
+        self.window, self.capacity, self.rows = config.sliding_window, capacity, rows
+        self.ring = min(self.window, capacity)
+        self.layer_types = config.layer_types
+        shape = (rows, config.num_key_value_heads, 0, config.head_dim)
+        self.keys, self.values = [], []
+        for kind in self.layer_types:
+            slots = capacity if kind == FULL else self.ring
+            self.keys.append(torch.zeros(shape[:2] + (slots,) + shape[3:], dtype=dtype, device=device))
+            self.values.append(torch.zeros(shape[:2] + (slots,) + shape[3:], dtype=dtype, device=device))
+        self._n = 0
+        self._slots: dict[str, torch.Tensor] = {}
+        self._span = {FULL: 0, SLIDING: 0}
+
+    @staticmethod
+    def nbytes_for(config: GemmaTextConfig, rows: int, capacity: int, dtype: torch.dtype) -> int:
+        return KVCache.nbytes_for(config, rows, capacity, dtype)
+
+    def load(self, row: int, cache: KVCache) -> None:
+        """Copy a prefilled batch-1 KVCache (no padding) into `row`."""
+        n = cache.length
+        if n > self.capacity:
+            raise ValueError(f"{n} steps do not fit the {self.capacity} slots of a row")
+        filled = min(n, cache.ring)
+        for idx, kind in enumerate(self.layer_types):
+            m = n if kind == FULL else filled
+            self.keys[idx][row, :, :m] = cache.keys[idx][0, :, :m]
+            self.values[idx][row, :, :m] = cache.values[idx][0, :, :m]
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `src`'s contents into row `dst` (keeps the running rows packed after a retirement)."""
+        for tensors in (self.keys, self.values):
+            for t in tensors:
+                t[dst] = t[src]
+
+    def begin(self, positions: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """A decode step of rows [0, n), one token each at `positions` [n, 1] (= its time step)."""
+        n = positions.shape[0]
+        last = int(positions.max())
+        if last >= self.capacity:
+            raise ValueError(f"KV cache row full: position {last} >= capacity {self.capacity}")
+        self._n = n
+        self._slots = {FULL: positions[:, 0], SLIDING: positions[:, 0] % self.ring}
+        self._span = {FULL: last + 1, SLIDING: min(last + 1, self.ring)}
+        if n == 1:
+            return {FULL: None, SLIDING: None}
+        return {kind: (torch.arange(span, device=positions.device) <= positions)[:, None, None]
+                for kind, span in self._span.items()}  # fmt: skip
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kind = self.layer_types[layer_idx]
+        rows = torch.arange(self._n, device=k.device)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[rows, :, self._slots[kind]] = k[:, :, 0]
+        values[rows, :, self._slots[kind]] = v[:, :, 0]
+        span = self._span[kind]
+        return keys[: self._n, :, :span], values[: self._n, :, :span]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from openmedgemma.errors import ImageError, OpenMedGemmaError
+from openmedgemma.imaging.pacs_cli import add_dicomweb_arguments, study_turn
 
 CHAT_HELP = "commands: /image FILE (attach to your next message), /reset (forget the conversation), /quit"
 
@@ -22,6 +23,7 @@ def register(subparsers) -> None:
     ask.add_argument("question", help="the question (quote it)")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--json", action="store_true", help="print a JSON object: answer, token counts, timings")
+    add_dicomweb_arguments(ask)
     ask.set_defaults(func=run_ask)
 
     chat = subparsers.add_parser("chat", help="an interactive chat session that keeps its history",
@@ -42,7 +44,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, metavar="K")
     parser.add_argument("--top-p", type=float, default=None, metavar="P")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU; on CPU a bf16 "
+                        "checkpoint stays bf16 where the CPU has native bf16 (AMX / AVX-512-BF16), else fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--int8", action="store_true",
                         help="int8 weight-only decoder: a quarter of the weight memory; on x86 CPUs with AVX2 also "
@@ -58,9 +61,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def run_ask(args) -> int:
     _check_images(args.image)
+    turn = study_turn(args, args.question) if args.dicomweb else _user(args.question, args.image)
     engine = _load(args)
     config = _config(args)
-    messages = _system(args) + [_user(args.question, args.image)]
+    messages = _system(args) + [turn]
     if args.stream and not args.json:
         result = _print_stream(engine, messages, config)
     else:
@@ -145,15 +149,14 @@ def _load(args):
     import torch
 
     from openmedgemma.bundled import model_or_nano
+    from openmedgemma.engine.dtype import choose_dtype
     from openmedgemma.engine.engine import Engine
 
     args.model = model_or_nano(args.model, "medgemma", f"openmedgemma {args.command}")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    dtype = choose_dtype(args.model, args.dtype, device)  # refuses an upcast that cannot fit in memory
     quantize = args.quantize or ("int8" if args.int8 else None)
     return Engine.from_pretrained(args.model, dtype=dtype, device=device, quantize=quantize)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import torch
 
@@ -113,11 +113,35 @@ class TokenStream:
         # images started before time step t, per row: [B, L + 1]
         self.images_before = torch.nn.functional.pad(starts.long().cumsum(1), (1, 0)).cpu()
 
+    def prefill_steps(self, cache: KVCache, start: int = 0, stops: Sequence[int] = ()
+                      ) -> Generator[int, None, torch.Tensor]:  # fmt: skip
+        """Prefill time steps [start, L) into `cache` (which holds steps [0, start)), one chunk per
+        `next()` (each yields the chunk's token count); returns the last position's hidden states [B, H].
+
+        Chunks also end at each of `stops` (the engine's prefix cache snapshots there). The continuous-
+        batching scheduler steps this to interleave prefill with other sequences' decoding.
+        """
+        model, decoder = self.model, self.decoder or self.model.language_model
+        multimodal = model.config.is_multimodal
+        hidden = None
+        bounds = sorted({start, self.ids.shape[1], *(s for s in stops if start < s < self.ids.shape[1])})
+        with torch.inference_mode():
+            for lo, hi in zip(bounds, bounds[1:]):
+                for a, b in plan_chunks(self.is_image[:, lo:hi], self.prefill_chunk):
+                    a, b = a + lo, b + lo
+                    ids = self.ids[:, a:b]
+                    x = model.embed(ids, self._chunk_features(a, b))
+                    blocks = image_block_ids(ids, model.config.image_token_index) if multimodal else None
+                    positions = self.positions[:, a:b]
+                    masks = cache.begin(positions, self.valid[:, a:b], blocks, padded=a < self.max_padding)
+                    hidden = decoder(x, positions, masks, cache)
+                    yield b - a
+        return hidden[:, -1]
+
     @torch.inference_mode()
     def __iter__(self) -> Iterator[list[int]]:
         model, config = self.model, self.config
         lm = model.language_model
-        decoder = self.decoder or lm
         t_start = time.perf_counter()
         batch, length = self.ids.shape
         self.cache = cache = KVCache(lm.config, batch, length + config.max_new_tokens, model.dtype, model.device)
@@ -125,16 +149,14 @@ class TokenStream:
         if not config.greedy and config.seed is not None:
             generator = torch.Generator(device=model.device).manual_seed(config.seed)
 
-        hidden = None
-        multimodal = model.config.is_multimodal
-        for start, end in plan_chunks(self.is_image, self.prefill_chunk):
-            ids = self.ids[:, start:end]
-            x = model.embed(ids, self._chunk_features(start, end))
-            blocks = image_block_ids(ids, model.config.image_token_index) if multimodal else None
-            positions = self.positions[:, start:end]
-            masks = cache.begin(positions, self.valid[:, start:end], blocks, padded=start < self.max_padding)
-            hidden = decoder(x, positions, masks, cache)
-        tokens = next_tokens(self.head(hidden[:, -1]), config, generator)
+        steps = self.prefill_steps(cache)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                hidden = done.value
+                break
+        tokens = next_tokens(self.head(hidden), config, generator)
         token_list = tokens.tolist()
         self.prefill_seconds = time.perf_counter() - t_start
         t_decode = time.perf_counter()

@@ -17,6 +17,15 @@ class MedGemmaChatModel:
 
         return cls(Engine.from_pretrained(path), Path(path).resolve().name)
 
+    @property
+    def context_tokens(self) -> int:
+        """The model's context length (prompt + answer), for callers that fit long inputs (the EHR navigator)."""
+        return self.engine.model.config.text.max_position_embeddings
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` with this model's tokenizer (chat-format tokens around it not included)."""
+        return len(self.engine.tokenizer.encode(text))
+
     def generate(self, batch, *, max_new_tokens: int, seed: int) -> list[str]:
         from openmedgemma.engine import GenerationConfig
 

@@ -16,7 +16,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("tasks", nargs="*", metavar="TASK", help="task names (see --list)")
     parser.add_argument("--list", action="store_true", help="list the tasks and their options")
     parser.add_argument("--model", help="model folder (chat model, or MedSigLIP for embedding tasks); default: the bundled nano "
-        "MedGemma for chat tasks and nano MedSigLIP for embedding tasks")
+        "MedGemma for chat tasks and nano MedSigLIP for embedding tasks; with --endpoint: the served model id")
+    parser.add_argument("--endpoint", metavar="URL", help="evaluate the model behind an OpenAI-compatible server "
+                        "(openmedgemma serve, vLLM, ...), e.g. http://127.0.0.1:8000/v1, instead of a local folder")
+    parser.add_argument("--api-key", metavar="KEY", help="API key for --endpoint (default: $OPENAI_API_KEY)")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight with --endpoint (default 8)")
     parser.add_argument("--data-dir", help="folder holding the datasets (e.g. shared/data)")
     parser.add_argument("--out", default="results", help="output folder (default: results/)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
@@ -72,6 +76,9 @@ def run_command(args) -> int:
         return 0
     if not args.tasks:
         raise ConfigError("give at least one TASK, or --list to see them")
+    from openmedgemma.eval.tasks import check_task_names
+
+    check_task_names(args.tasks)  # a misspelt task is named before anything else is asked for
     if not args.data_dir:
         raise ConfigError("--data-dir is required to run tasks")
 
@@ -90,9 +97,13 @@ def run_command(args) -> int:
     models = {}
     for task in tasks:
         if task.kind not in models:
-            loader = loaders.load_chat_model if task.kind == "chat" else loaders.load_embedder
-            path = model_or_nano(args.model, "medgemma" if task.kind == "chat" else "medsiglip", "openmedgemma eval")
-            models[task.kind] = loader(str(path))
+            if args.endpoint:
+                models[task.kind] = loaders.load_endpoint(args.endpoint, task.kind, api_key=args.api_key,
+                                                          model=args.model, concurrency=args.concurrency)
+            else:
+                loader = loaders.load_chat_model if task.kind == "chat" else loaders.load_embedder
+                kind = "medgemma" if task.kind == "chat" else "medsiglip"
+                models[task.kind] = loader(str(model_or_nano(args.model, kind, "openmedgemma eval")))
         res = runner.run_task(
             task,
             models[task.kind],

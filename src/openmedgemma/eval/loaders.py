@@ -19,3 +19,15 @@ def load_embedder(path: str):
     from openmedgemma.eval.embedder import MedSigLIPEmbedder
 
     return MedSigLIPEmbedder.from_pretrained(path)
+
+
+def load_endpoint(url: str, kind: str, *, api_key: str | None = None, model: str | None = None, concurrency: int = 8):
+    """The chat model or embedder behind an OpenAI-compatible server (`model`: its id; default the first)."""
+    import os
+
+    from openmedgemma.eval.endpoint import OpenAIChatModel, OpenAIEmbedder
+
+    key = api_key or os.environ.get("OPENAI_API_KEY")
+    if kind == "chat":
+        return OpenAIChatModel(url, api_key=key, model=model, concurrency=concurrency)
+    return OpenAIEmbedder(url, api_key=key, model=model)

@@ -25,6 +25,7 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
     "slake": {"token_f1": _row(72.3, 40.2, None, 42.5), "closed_accuracy": _row(87.6, 53.0, None, 64.5)},
     "vqa-rad": {"token_f1": _row(49.9, 33.6, None, 42.7), "closed_accuracy": _row(69.1, 48.7, None, 59.4)},
     "mimic-cxr-report": {"radgraph_f1": _row(29.5, None, None, None)},
+    "ehrqa": {"accuracy": _row(67.6, 70.9, 86.3, 84.2)},
     "chexpert-zeroshot": {"auc": {"MedSigLIP-448": 0.844, "ELIXR": 0.824}},
 }
 
@@ -33,6 +34,8 @@ NOTES = {
     "mmlu-med": "published over 7 subjects",
     "mimic-cxr": "published on the Med-Gemini test subset (not distributed)",
     "mimic-cxr-report": "published RadGraph F1 of the pretrained 4B; not computed here (no RadGraph model)",
+    "ehrqa": "published on Google's EHRQA (42 LLM-rephrased question types, 10 categories, 19 test patients); "
+    "ours are templated questions in 9 of its categories generated from the Synthea records given",
     "chexpert-zeroshot": "published AUC averaged over 13 findings",
 }
 

@@ -93,11 +93,11 @@ def generate_all(
     )
     for start in range(0, len(pending), batch_size):
         batch = pending[start : start + batch_size]
-        outputs = model.generate([ex.messages for ex in batch], max_new_tokens=max_new_tokens, seed=seed)
+        outputs = task.generate(model, batch, max_new_tokens=max_new_tokens, seed=seed)
         if (
             not isinstance(outputs, list)
             or len(outputs) != len(batch)
-            or not all(isinstance(o, str) for o in outputs)
+            or not all(isinstance(o, str) or isinstance(o, dict) and isinstance(o.get("output"), str) for o in outputs)
         ):
             raise OpenMedGemmaError(
                 f"model {model.name} returned {type(outputs).__name__} of length "
@@ -105,7 +105,8 @@ def generate_all(
                 "expected a list of strings"
             )
         records = [
-            {"id": ex.id, "prompt_sha": digests[ex.id], "output": out} for ex, out in zip(batch, outputs)
+            {"id": ex.id, "prompt_sha": digests[ex.id], **(out if isinstance(out, dict) else {"output": out})}
+            for ex, out in zip(batch, outputs)
         ]
         store.append(records)
         done.update((r["id"], r) for r in records)

@@ -34,6 +34,8 @@ _EXPORTS = {
     "deidentify": "deid",
     "UIDMapper": "deid",
     "DEFAULT_MAX_PIXELS": "sniff",
+    "DicomWebSource": "dicomweb",
+    "load_study": "pacs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from openmedgemma.errors import ImageError
+from openmedgemma.imaging.pacs_cli import add_dicomweb_arguments
 
 
 def register(subparsers) -> None:
@@ -29,7 +30,8 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1].split("deid IN OUT")[0].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    preview.add_argument("source", metavar="FILE", help="image file, or a folder holding one DICOM series")
+    preview.add_argument("source", metavar="FILE", nargs="?",
+                         help="image file, or a folder holding one DICOM series (or --dicomweb below)")
     preview.add_argument("--out", required=True, metavar="PNG", help="PNG file to write")
     windows = preview.add_mutually_exclusive_group()
     windows.add_argument("--preset", help="CT window preset: medgemma (default) or report-v4")
@@ -40,6 +42,7 @@ def register(subparsers) -> None:
     preview.add_argument("--slice", type=int, metavar="N", help="write only SLICE N of a volume (1-based)")
     preview.add_argument("--modality", help="modality for formats without one (e.g. CT for a NIfTI in HU)")
     preview.add_argument("--series-uid", help="SeriesInstanceUID to use when a folder mixes series")
+    add_dicomweb_arguments(preview)
     preview.set_defaults(func=run_preview)
 
     deid = subparsers.add_parser(
@@ -47,8 +50,8 @@ def register(subparsers) -> None:
         help="de-identify DICOM files (PS3.15 Basic Application Level Confidentiality Profile)",
         description="De-identify a DICOM file or a folder tree into OUT (never modifies IN).",
     )
-    deid.add_argument("source", metavar="IN", help="DICOM file or folder")
-    deid.add_argument("target", metavar="OUT", help="output file or folder (must not be IN or inside IN)")
+    deid.add_argument("source", metavar="IN", nargs="?", help="DICOM file or folder (none with --dicomweb)")
+    deid.add_argument("target", metavar="OUT", nargs="?", help="output file or folder (must not be IN or inside IN)")
     deid.add_argument(
         "--allow-burned-in", action="store_true",
         help="also process files flagged BurnedInAnnotation=YES (their pixels may still show PHI)",
@@ -57,6 +60,7 @@ def register(subparsers) -> None:
         "--mapping", metavar="FILE",
         help="write the original -> new file names and UIDs to this CSV (it re-identifies the output: keep it apart)",
     )
+    add_dicomweb_arguments(deid, slides=False)
     deid.set_defaults(func=run_deid)
 
 
@@ -70,19 +74,29 @@ def _windows(args) -> object:
 
 
 def run_preview(args) -> int:
-    import numpy as np
-    from PIL import Image
-
     from openmedgemma.imaging.loader import load_image
-    from openmedgemma.imaging.series import load_series, sample_slices
-    from openmedgemma.imaging.windowing import to_rgb
+    from openmedgemma.imaging.series import load_series
 
     windows = _windows(args)  # argument errors before any reading
+    if args.dicomweb:
+        from openmedgemma.imaging.pacs_cli import run_preview_dicomweb
+
+        return run_preview_dicomweb(args, windows)
+    if args.source is None:
+        raise ImageError("preview needs a FILE or folder (or --dicomweb URL --study UID)")
     source = Path(args.source)
     if source.is_dir():
         image = load_series(source, series_uid=args.series_uid)
     else:
         image = load_image(source, modality=args.modality)
+    return write_preview(image, args, windows, source)
+
+
+def write_preview(image, args, windows, source) -> int:
+    """Write the PNG of `args.out` for an image or a volume (`--slice N`, else a contact sheet)."""
+    from openmedgemma.imaging.series import sample_slices
+    from openmedgemma.imaging.windowing import to_rgb
+
     for warning in image.warnings:
         print(f"openmedgemma preview: warning: {warning}", file=sys.stderr)
     is_volume = image.pixels.ndim == (4 if image.is_colour else 3)
@@ -100,7 +114,14 @@ def run_preview(args) -> int:
         else:
             rgb = contact_sheet(slices)
             what = f"contact sheet of {len(slices)} of {image.frames} slices"
-    out = Path(args.out)
+    return save_preview(rgb, args.out, what)
+
+
+def save_preview(rgb, out, what: str) -> int:
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.ascontiguousarray(rgb)).save(out, format="PNG")
@@ -125,6 +146,12 @@ def contact_sheet(slices):
 
 
 def run_deid(args) -> int:
+    if args.dicomweb:
+        from openmedgemma.imaging.pacs_cli import run_deid_dicomweb
+
+        return run_deid_dicomweb(args)
+    if args.source is None or args.target is None:
+        raise ImageError("deid needs IN and OUT (or --dicomweb URL --study UID OUT)")
     from tqdm import tqdm
 
     from openmedgemma.imaging.deid import UIDMapper

@@ -57,22 +57,26 @@ def deidentify_file(source: Path, target: Path, mapper: UIDMapper, *, allow_burn
     """Write a de-identified copy of one DICOM file to `target` (parents created)."""
     if sniff_format(source) != "dicom":
         raise ImageError(f"{source}: not a DICOM file")
-    ds = read_dataset(source)
+    return deidentify_to(read_dataset(source), str(source), target, mapper, allow_burned_in=allow_burned_in)
+
+
+def deidentify_to(ds, name: str, target: Path, mapper: UIDMapper, *, allow_burned_in: bool = False) -> Path:
+    """Write a de-identified copy of a data set read from `name` (a file, or bytes from a store) to `target`."""
     if is_dicomdir(ds):
-        raise ImageError(f"{source}: a DICOMDIR index, not an instance; rebuild it from the de-identified files")
+        raise ImageError(f"{name}: a DICOMDIR index, not an instance; rebuild it from the de-identified files")
     try:
         fill_transfer_syntax(ds)  # a raw data set (no file meta) is written as a proper file
-        clean = deidentify(ds, mapper, allow_burned_in=allow_burned_in, source=str(source))
+        clean = deidentify(ds, mapper, allow_burned_in=allow_burned_in, source=name)
     except ImageError:
         raise
     except Exception as err:  # malformed elements surface while walking the data set
-        raise ImageError(f"{source}: corrupt DICOM, cannot de-identify ({short_reason(err)})") from None
+        raise ImageError(f"{name}: corrupt DICOM, cannot de-identify ({short_reason(err)})") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         clean.save_as(target, enforce_file_format=True)
     except Exception as err:
         target.unlink(missing_ok=True)
-        raise ImageError(f"{source}: de-identified data set cannot be written to {target} ({short_reason(err)})") from None
+        raise ImageError(f"{name}: de-identified data set cannot be written to {target} ({short_reason(err)})") from None
     return target
 
 

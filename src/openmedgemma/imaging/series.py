@@ -16,26 +16,31 @@ import numpy as np
 from openmedgemma.errors import ImageError
 from openmedgemma.imaging.dicom_io import dataset_to_image, is_dicomdir, read_dataset, short_reason
 from openmedgemma.imaging.image import MedicalImage
-from openmedgemma.imaging.sniff import printable, sniff_format
+from openmedgemma.imaging.archive import is_zip, read_zip
+from openmedgemma.imaging.sniff import describe, printable, read_head, sniff_format
 from openmedgemma.imaging.windowing import to_rgb
 
 MAX_SLICES = 85  # MedGemma 1.5: at most 85 slices per volume
 
 
 def load_series(
-    source: str | Path | Iterable[str | Path],
+    source: str | Path | bytes | Iterable[str | Path | tuple[str, bytes]],
     *,
     series_uid: str | None = None,
     max_pixels: int | None = None,
+    label: str | None = None,
 ) -> MedicalImage:
-    """Load one DICOM series from a folder (searched recursively) or a list of files.
+    """Load one DICOM series from a folder (searched recursively), a zip archive (a .zip path or
+    its bytes, read in memory: `imaging.archive`), a list of files, or a list of in-memory
+    (name, bytes) members.
 
-    A folder holding several series is an error unless `series_uid` picks one. Non-DICOM files
-    and DICOMDIR indexes in a folder are skipped (noted in `warnings`); in an explicit list of
-    files they are errors. Returns a MedicalImage with pixels [slices, rows, columns].
+    A folder or archive holding several series is an error unless `series_uid` picks one. Non-DICOM
+    files and DICOMDIR indexes in a folder or archive are skipped (noted in `warnings`); in an explicit
+    list they are errors. `label` names the source in messages (default: the path). Returns a
+    MedicalImage with pixels [slices, rows, columns].
     """
-    files, skipped, label = _collect(source)
-    datasets = [(path, read_dataset(path)) for path in files]
+    files, skipped, label = _collect(source, label)
+    datasets = [(path, _read(path, data)) for path, data in files]
     datasets = [(p, ds) for p, ds in datasets if not is_dicomdir(ds)]
     skipped += len(files) - len(datasets)
     chosen = _pick_series(label, datasets, series_uid)
@@ -44,29 +49,63 @@ def load_series(
     return _assemble(label, chosen, images, warnings)
 
 
-def _collect(source) -> tuple[list[Path], int, str]:
+def _collect(source, label: str | None) -> tuple[list[tuple[str, Path | bytes]], int, str]:
+    """(name, path or bytes) of each DICOM member, how many others were skipped, and the label."""
+    if isinstance(source, (bytes, bytearray, memoryview)) or (
+        isinstance(source, (str, Path)) and Path(source).is_file() and is_zip(read_head(source, 4))
+    ):
+        label = label or describe(source)
+        data = source if not isinstance(source, (str, Path)) else _read_file(Path(source))
+        return _dicom_members(read_zip(bytes(data), label=label), label, strict=False)
     if isinstance(source, (str, Path)):
         root = Path(source)
         if not root.is_dir():
-            raise ImageError(f"{root}: not a folder (load_series takes a folder or a list of files)")
+            raise ImageError(f"{root}: not a folder or zip archive (load_series takes a folder, a zip or a list "
+                             "of files)")  # fmt: skip
         candidates = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-        files = []
-        for path in candidates:
-            try:
-                if sniff_format(path) == "dicom":
-                    files.append(path)
-            except ImageError:
-                pass
-        if not files:
-            raise ImageError(f"{root}: no DICOM files found")
-        return files, len(candidates) - len(files), str(root)
-    files = [Path(p) for p in source]
-    if not files:
-        raise ImageError("load_series: empty list of files")
-    for path in files:
-        if sniff_format(path) != "dicom":
-            raise ImageError(f"{path}: not a DICOM file (a series is made of DICOM files)")
-    return files, 0, f"{files[0].parent} ({len(files)} files)"
+        return _dicom_members([(str(p), p) for p in candidates], label or str(root), strict=False)
+    items = list(source)
+    if not items:
+        raise ImageError(f"{label or 'load_series'}: empty list of files")
+    if all(isinstance(item, tuple) for item in items):
+        return _dicom_members(items, label or f"<{len(items)} in-memory files>", strict=True)
+    files = [Path(p) for p in items]
+    return _dicom_members([(str(p), p) for p in files], label or f"{files[0].parent} ({len(files)} files)",
+                          strict=True)  # fmt: skip
+
+
+def _dicom_members(items: list, label: str, strict: bool) -> tuple[list, int, str]:
+    """Keep the DICOM members; `strict`: any other member is an error, else it is skipped."""
+    kept = []
+    for name, data in items:
+        try:
+            is_dicom = sniff_format(data) == "dicom"
+        except ImageError as err:
+            if strict:
+                raise ImageError(f"{name}: {str(err).split(': ', 1)[-1]}") from None
+            is_dicom = False
+        if is_dicom:
+            kept.append((str(name), data))
+        elif strict:
+            raise ImageError(f"{name}: not a DICOM file (a series is made of DICOM files)")
+    if not kept:
+        raise ImageError(f"{label}: no DICOM files found")
+    return kept, len(items) - len(kept), label
+
+
+def _read(name: str, data: Path | bytes):
+    """The member's pydicom Dataset, errors naming the member (not "<bytes>")."""
+    try:
+        return read_dataset(data)
+    except ImageError as err:
+        raise ImageError(f"{name}: {str(err).split(': ', 1)[-1]}") from None
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"{path}: cannot be read ({err.strerror or err})") from None
 
 
 def _pick_series(label: str, datasets: list, series_uid: str | None) -> list:

@@ -8,7 +8,8 @@ tiles qualify than `max_patches`, a seeded random subset is kept, still in spati
 Tissue: HSV saturation >= 25 and value >= 50 (0..255 scale): glass background is bright and
 unsaturated, stained tissue is saturated, and black borders / markings are dark.
 Magnification comes from the slide's objective power, else from its microns per pixel
-(10x ~ 1.0 um/px). Slides are read with tiffslide (SVS, generic pyramidal TIFF, ...).
+(10x ~ 1.0 um/px). Slides are read with tiffslide (SVS, generic pyramidal TIFF, ...); a folder holding a
+DICOM whole-slide image, or a slide already opened from a DICOMweb store, with wsidicom (imaging.dicom_slide).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class SlidePatches:
 
 
 def tile_slide(
-    path: str | Path,
+    path,
     magnification: float,
     max_patches: int = 126,
     patch: int = 896,
@@ -51,12 +52,12 @@ def tile_slide(
     min_tissue: float = 0.5,
     max_pixels: int | None = None,
 ) -> SlidePatches:
-    name = str(path)
+    opened = not isinstance(path, (str, Path))  # a DicomSlide (imaging.dicom_slide), e.g. from DICOMweb
+    name = path.name if opened else str(path)
     if patch < 1 or max_patches < 1 or not 0.0 <= min_tissue <= 1.0 or not magnification > 0:
         raise ImageError(f"{name}: invalid tiling request (patch {patch}, max_patches {max_patches}, "
                          f"min_tissue {min_tissue}, magnification {magnification})")
-    read_head(path)  # missing / empty file -> ImageError
-    slide = _open(name)
+    slide = path if opened else _open(Path(path))
     try:
         base = base_magnification(slide, name)
         if magnification > base * (1 + 1e-6):
@@ -77,13 +78,20 @@ def tile_slide(
     except Exception as err:
         raise ImageError(f"{name}: slide cannot be read ({short_reason(err)})") from None
     finally:
-        slide.close()
+        if not opened:  # a slide passed in open stays open for its owner
+            slide.close()
     return SlidePatches(patches, coordinates, float(magnification), base, grid, len(cells), name)
 
 
-def _open(name: str):
+def _open(path: Path):
     import tiffslide
 
+    name = str(path)
+    if path.is_dir():
+        from openmedgemma.imaging.dicom_slide import open_folder_slide
+
+        return open_folder_slide(path)
+    read_head(path)  # missing / empty file -> ImageError
     try:
         return tiffslide.TiffSlide(name)
     except Exception as err:

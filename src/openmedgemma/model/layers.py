@@ -30,7 +30,8 @@ class RotaryTable(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, linear_factor: float = 1.0):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        # on the CPU even while a model is built on the meta device (not stored in checkpoints: computed here)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
         self.register_buffer("inv_freq", inv_freq / linear_factor, persistent=False)
 
     @torch.no_grad()

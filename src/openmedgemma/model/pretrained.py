@@ -17,30 +17,24 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 @contextlib.contextmanager
 def params_on_meta():
-    """Create parameters on the meta device (no memory) while buffers stay real.
+    """Build a model without allocating its parameters: tensors created inside default to the meta device.
 
-    Buffers such as RoPE frequencies are computed at construction and not stored in checkpoints,
-    so they must be materialized; parameters are then assigned straight from the mapped files.
-    Random init of meta tensors is skipped: their values are never used, and torch's meta kernel
-    for normal_ (nn.Embedding's init) imports torch._dynamo, which costs ~2 s per process.
+    Nothing is allocated before `checkpoint.load_into` has compared every shape with the files, so a
+    config.json that disagrees with the weights (say a hidden_size of 65536) costs no memory. Buffers that
+    are computed at construction and not stored in checkpoints (RoPE frequencies) name the CPU explicitly
+    and stay real. Random init of meta tensors is skipped: their values are never used, and torch's meta
+    kernel for normal_ (nn.Embedding's init) imports torch._dynamo, which costs ~2 s per process.
     """
-    original = nn.Module.register_parameter
     original_normal = torch.Tensor.normal_
 
     def normal_(tensor, *args, **kwargs):
         return tensor if tensor.is_meta else original_normal(tensor, *args, **kwargs)
 
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
     torch.Tensor.normal_ = normal_
     try:
-        yield
+        with torch.device("meta"):
+            yield
     finally:
-        nn.Module.register_parameter = original
         torch.Tensor.normal_ = original_normal
 
 

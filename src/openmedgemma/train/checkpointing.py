@@ -138,6 +138,13 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- load
 
 
+def saved_config(folder: Path) -> dict | None:
+    """The config (TrainConfig.to_dict()) the checkpoint in `folder` was trained with; None if it holds none."""
+    if not (folder / "state.pt").is_file():
+        raise CheckpointError(f"{folder}: incomplete checkpoint, state.pt is missing")
+    return torch.load(folder / "state.pt", weights_only=True).get("config")
+
+
 def load(folder: Path, module: nn.Module, optimizer, info: D.DistInfo) -> dict:
     """Restore parameters, optimizer and this rank's RNG from `folder`; return the saved state dict."""
     from safetensors.torch import load_file

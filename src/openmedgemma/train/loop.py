@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from openmedgemma.errors import CheckpointError, ConfigError
-from openmedgemma.train import checkpointing
+from openmedgemma.train import checkpointing, resume
 from openmedgemma.train import distributed as D
 from openmedgemma.train.config import TrainConfig
 from openmedgemma.train.data import MixtureSampler
@@ -94,6 +95,7 @@ class Trainer:
         self.eval_hooks = list(eval_hooks)
         self.out = Path(cfg.output_dir).expanduser()
         self.history: list[dict] = []
+        self.resume_note = ""  # what a resume with a changed config changed (said on stderr too)
 
     # ------------------------------------------------------------------ setup
 
@@ -125,9 +127,7 @@ class Trainer:
         self.stage.wrapped = self.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]  # what gradient clipping sees
         self.optimizer = build_optimizer(self.module, cfg)
-        o = cfg.optim
-        warmup = o.warmup_steps or int(o.warmup_ratio * t.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, Schedule(warmup, t.steps, o.schedule, o.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
         self.sampler = MixtureSampler([len(s) for s in self.stage.sources], self.stage.weights, cfg.seed)
         torch.manual_seed(cfg.seed + 1 + self.info.rank)  # training randomness (dropout, rollouts) per rank
         self.step = 0
@@ -141,18 +141,41 @@ class Trainer:
             precision = "bf16-autocast" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.precision = precision
 
+    def _schedule(self) -> Schedule:
+        o, steps = self.cfg.optim, self.cfg.train.steps
+        return Schedule(o.warmup_steps or int(o.warmup_ratio * steps), steps, o.schedule, o.min_lr_ratio)
+
     def _resume(self, path: Path) -> None:
         folder = checkpointing.find_checkpoint(path)
+        changes = resume.check(folder, checkpointing.saved_config(folder), self.cfg.to_dict())  # before any loading
         state = checkpointing.load(folder, self.module, self.optimizer, self.info)
         if state.get("stage_name") != self.cfg.stage:
             raise CheckpointError(f"{folder}: a {state.get('stage_name')!r} checkpoint cannot resume a {self.cfg.stage!r} run")
         self.scheduler.load_state_dict(state["scheduler"])
+        if changes:
+            self._apply_changes(int(state["step"]), changes)
         self.sampler.load_state_dict(state["sampler"])
         self.stage.load_state_dict(state.get("stage", {}))
         self.step = int(state["step"])
         self.history = [h for h in state.get("history", []) if h["step"] <= self.step]
         if self.info.is_main:
             self._truncate_log(self.step)
+
+    def _apply_changes(self, step: int, changes: list) -> None:
+        """Allowed config changes on resume (see train/resume.py), said on stderr. train.steps or optim.*: the
+        optimizer settings and the lr schedule come from the new config, positioned at `step` (the
+        checkpoint's are those of the old run: its lr, its end)."""
+        what = "applied as given"
+        if resume.needs_new_schedule(changes):
+            fresh = build_optimizer(self.module, self.cfg)
+            for group, new in zip(self.optimizer.param_groups, fresh.param_groups):
+                group.update({k: v for k, v in new.items() if k != "params"}, initial_lr=new["lr"])
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule(), last_epoch=step - 1)
+            what = (f"the optimizer settings and the lr schedule are rebuilt from the new config (next lr "
+                    f"{self.optimizer.param_groups[0]['lr']:.3g})")  # fmt: skip
+        self.resume_note = f"resuming at step {step} with {', '.join(resume.describe(c) for c in changes)}: {what}"
+        if self.info.is_main:
+            print(f"openmedgemma train: {self.resume_note}", file=sys.stderr)
 
     def _truncate_log(self, step: int) -> None:
         log = self.out / "metrics.jsonl"

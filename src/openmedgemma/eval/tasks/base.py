@@ -154,6 +154,11 @@ class ChatTask(Task, ABC):
     @abstractmethod
     def load_examples(self) -> list[Example]: ...
 
+    def generate(self, model, examples: list[Example], *, max_new_tokens: int, seed: int) -> list:
+        """Raw answers for a batch: a string each, or a dict with the string under "output" and more fields
+        to keep in predictions.jsonl. Tasks that drive the model through several calls (an agent) override it."""
+        return model.generate([ex.messages for ex in examples], max_new_tokens=max_new_tokens, seed=seed)
+
     @abstractmethod
     def score(self, examples: list[Example], outputs: list[str], *, n_boot: int, seed: int) -> dict:
         """{"metrics": {name: estimate}, "counts": {...}, ...} for raw model outputs."""
