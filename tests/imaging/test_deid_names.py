@@ -89,6 +89,8 @@ def test_mapping_only_when_asked_and_never_inside_the_output(pacs_export, tmp_pa
             assert uids[original.SOPInstanceUID] == pydicom.dcmread(out / new).SOPInstanceUID
     assert main(["deid", str(pacs_export), str(tmp_path / "again"), "--mapping", str(mapping)]) == 2
     assert "already exists" in capsys.readouterr().err
+    argv = ["deid", "--dicomweb", "http://127.0.0.1:9", "--study", "1.2.3", str(tmp_path / "web"), "--mapping", "m.csv"]
+    assert main(argv) == 2 and "--mapping applies to a local IN" in capsys.readouterr().err  # refused before any request
 
 
 def test_single_file_named_by_its_uid(pacs_export, tmp_path, capsys):

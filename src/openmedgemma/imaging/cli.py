@@ -146,6 +146,8 @@ def contact_sheet(slices):
 
 
 def run_deid(args) -> int:
+    if args.dicomweb and args.mapping:
+        raise ImageError("--mapping applies to a local IN file or folder; a --dicomweb copy is named by the new UIDs")
     if args.dicomweb:
         from openmedgemma.imaging.pacs_cli import run_deid_dicomweb
 
