@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,22 @@ def test_chat_uses_nano_and_says_so_once():
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(NOTICE) == 1
     assert len([line for line in result.stdout.splitlines() if line.strip()]) >= 1
+
+
+def chat_answers(*extra) -> list[str]:
+    stdin = "Is there pneumonia?\nAnd effusion?\nIs the heart enlarged?\n"
+    result = openmedgemma("chat", "--image", str(CXR), *extra, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_chat_answers_follow_up_questions_without_degenerating():
+    # issue 16: trained on single-turn prompts only, nano answered the first question and then produced
+    # "Finalinalinalinal... Answer: yes"; the recipe now trains on VQA-RAD dialogues too
+    answers = chat_answers()
+    assert len(answers) == 3, answers
+    for answer in answers:
+        assert len(answer.split()) <= 4 and not re.search(r"(\w{3,})\1", answer), answers  # short, no stutter
 
 
 def test_eval_uses_nano_medgemma_for_chat_and_nano_medsiglip_for_embedding_tasks(shared_data, tmp_path):

@@ -99,6 +99,10 @@ class SiglipTextConfig:
     hidden_act: str = "gelu_pytorch_tanh"
     projection_size: int | None = None  # None: hidden_size
     pad_token_id: int = 1
+    # Unused by the model (it pools the last position); written so that loaders do not fill in CLIP's ids,
+    # which lie outside a small vocabulary. None: the tokenizer has no such token.
+    bos_token_id: int | None = 49406
+    eos_token_id: int | None = 49407
 
     def __post_init__(self):
         if self.projection_size is None:
@@ -218,6 +222,7 @@ def _medsiglip_nano() -> MedSigLIPConfig:
         text=SiglipTextConfig(
             vocab_size=1024, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2,
             max_position_embeddings=32, projection_size=128,
+            bos_token_id=None, eos_token_id=1,  # spiece.model: no <s>; </s> = 1 (also the pad, as in SigLIP)
         ),
         vision=VisionConfig(use_head=True, **_NANO_VISION),
     )  # fmt: skip

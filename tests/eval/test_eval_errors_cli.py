@@ -142,7 +142,7 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     for info in list_tasks():
         assert info["name"] in out
-    assert len(list_tasks()) == 21  # the report's 20 and ehrqa
+    assert len(list_tasks()) == 22  # the report's 20, ehrqa and vqa-rad-dialogue (nano's multi-turn score)
 
 
 def test_cli_errors(shared_data, tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ OPTIONS4 = {
 }
 OPTIONS10 = {letter: f"{60 + i} Gy" for i, letter in enumerate("ABCDEFGHIJ")}
 PUBMED = {"A": "yes", "B": "no", "C": "maybe"}
+EYE = {"A": "Open-angle glaucoma", "B": "Acute angle-closure glaucoma", "C": "Central retinal artery occlusion",
+       "D": "Uveitis"}
 
 CHOICE_CASES = [
     # (model output, options, expected letter or None)
@@ -65,6 +67,16 @@ CHOICE_CASES = [
     ("Final Answer: Option C", OPTIONS4, "C"),
     ("Final Answer: C) Report the physician", OPTIONS4, "C"),
     ("Considering everything...\n\nFinal Answer: (a)", OPTIONS4, "A"),
+    # no letter, no Final Answer line: the one option the last sentence names in full (issue 16)
+    ("The answer is Acute angle-closure glaucoma.", EYE, "B"),
+    ("Raised intraocular pressure and a mid-dilated pupil suggest an acute attack. The most likely diagnosis "
+     "is acute angle-closure glaucoma.", EYE, "B"),
+    ("Glaucoma fits best.\nSo: open-angle glaucoma", EYE, "A"),  # "glaucoma" is only part of the named option
+    ("Open-angle glaucoma is possible. The answer is acute angle-closure glaucoma", EYE, "B"),  # last sentence
+    ("It is either open-angle glaucoma or acute angle-closure glaucoma.", EYE, None),  # two named: ambiguous
+    ("The answer is not acute angle-closure glaucoma.", EYE, None),  # negated
+    ("Acute angle-closure glaucoma is unlikely here; I would say uveitis.", EYE, None),  # two named
+    ("This is a hard case that needs more history.", EYE, None),
     # "answer is (X)" without a final-answer line: the last statement wins (the model corrected itself)
     ("At first glance the answer is (A), the usual choice. On reflection the effusion matters, so the answer is (C).",
      OPTIONS4, "C"),

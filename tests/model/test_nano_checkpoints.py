@@ -3,6 +3,9 @@ ours, through transformers' own processors, and give the same logits (fp32, CPU)
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,53 @@ def test_medsiglip_nano_same_logits_in_transformers_and_ours():
         ref = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits_per_image
         got = ours(ids, inputs["pixel_values"]).logits_per_image
     torch.testing.assert_close(got, ref, **TOL)
+
+
+def transformers_warnings(folder: Path) -> str:
+    """What loading `folder`'s model in a fresh process logs (transformers warns once per process)."""
+    code = f"import transformers; transformers.SiglipModel.from_pretrained({str(folder)!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+
+
+def test_medsiglip_nano_config_names_the_spiece_ids_and_loads_without_warnings(tmp_path):
+    import sentencepiece
+
+    spiece = sentencepiece.SentencePieceProcessor(model_file=str(MEDSIGLIP / "spiece.model"))
+    text = read_hf_config(MEDSIGLIP)["text_config"]
+    assert text["bos_token_id"] is None and spiece.bos_id() == -1  # the model has no <s>
+    assert text["eos_token_id"] == spiece.eos_id() == 1 and spiece.id_to_piece(1) == "</s>"
+    assert text["pad_token_id"] == 1  # SigLIP pads with </s>, as the tokenizer_config says
+    config = transformers.AutoConfig.from_pretrained(MEDSIGLIP)
+    assert (config.text_config.bos_token_id, config.text_config.eos_token_id) == (None, 1)
+    # (transformers also builds its own default SiglipTextConfig, vocabulary 32000, which warns about itself)
+    assert "within the vocabulary (between 0 and 1023)" not in transformers_warnings(MEDSIGLIP)
+
+    # the ids change nothing the model computes: logits equal those with the old config (no ids: CLIP's defaults)
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in MEDSIGLIP.iterdir():
+        (old / path.name).write_bytes(path.read_bytes())
+    before = read_hf_config(MEDSIGLIP)
+    for key in ("bos_token_id", "eos_token_id"):
+        del before["text_config"][key]
+    (old / "config.json").write_text(json.dumps(before))
+    processor = transformers.AutoProcessor.from_pretrained(MEDSIGLIP)
+    inputs = processor(text=["Normal chest X-ray.", "Pneumonia."], images=Image.open(CXR), padding="max_length",
+                       max_length=32, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        now = transformers.SiglipModel.from_pretrained(MEDSIGLIP).eval()(**inputs).logits_per_image
+        then = transformers.SiglipModel.from_pretrained(old).eval()(**inputs).logits_per_image
+    assert transformers.SiglipModel.from_pretrained(old).config.text_config.bos_token_id == 49406
+    assert "bos_token_id must be `None` or an integer within the vocabulary (between 0 and 1023)" in (
+        transformers_warnings(old)
+    )
+    assert torch.equal(now, then)
+
+
+def test_medgemma_nano_generation_stops_at_the_end_of_the_turn():
+    config = transformers.GenerationConfig.from_pretrained(MEDGEMMA)
+    tok = Tokenizer.from_pretrained(MEDGEMMA)
+    assert config.eos_token_id == [tok.eos_id, tok.end_of_turn_id] and config.pad_token_id == tok.pad_id
 
 
 @pytest.mark.parametrize("folder", [MEDGEMMA, MEDSIGLIP], ids=["medgemma", "medsiglip"])

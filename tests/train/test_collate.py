@@ -98,3 +98,32 @@ def test_siglip_pairs_are_tokenized_as_at_inference_and_grouped_by_class(siglip_
     with_groups = module(batch["input_ids"], batch["pixel_values"], groups=batch["groups"])[0]
     by_text = module(batch["input_ids"], batch["pixel_values"])[0]
     assert not torch.allclose(with_groups, by_text)  # class groups change the positives beyond identical captions
+
+
+def test_a_vqa_rad_dialogue_is_the_chat_a_user_has_with_every_answer_labelled(tok, shared_data):
+    from openmedgemma.train.data import load_source
+
+    dialogues = load_source("vqa_rad", shared_data / "vqa_rad", "train", "dialogue")
+    ex = next(d for d in dialogues if len(d.followups) == 2)
+    row = collator(tok).encode(ex)
+    # the conversation chat sends: image + VQA prompt, then each follow-up as the bare question
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.prompt}]},
+                {"role": "assistant", "content": ex.answer}]  # fmt: skip
+    for question, answer in ex.followups:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    assert row.input_ids == tok.encode_chat(messages, add_generation_prompt=False, image_seq_length=tiny.TOKENS_PER_IMAGE)
+    # every model turn is labelled (answer + <end_of_turn>), each starting right where generation would start
+    starts = [len(tok.encode_chat(messages[: 2 * k + 1], image_seq_length=tiny.TOKENS_PER_IMAGE)) for k in range(3)]
+    labelled = [i for i, y in enumerate(row.labels) if y != IGNORE]
+    spans = []
+    for i in labelled:
+        if spans and spans[-1][-1] == i - 1:
+            spans[-1].append(i)
+        else:
+            spans.append([i])
+    assert [s[0] for s in spans] == starts
+    answers = [ex.answer] + [a for _, a in ex.followups]
+    assert [tok.decode([row.input_ids[i] for i in s], skip_special_tokens=False) for s in spans] == [
+        a.strip() + "<end_of_turn>" for a in answers
+    ]
+    assert row.input_ids.count(tok.image_token_id) == tiny.TOKENS_PER_IMAGE  # the image once, in turn 1

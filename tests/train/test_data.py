@@ -124,3 +124,30 @@ def test_mixture_sampler_proportions_coverage_and_resume():
     assert fresh.take(277) == draws[123:]
     with pytest.raises(DataError, match="the data mixture changed since the checkpoint"):
         D.MixtureSampler([11, 200], [1.0, 3.0], seed=7).load_state_dict(state)
+
+
+def test_vqa_rad_dialogues_chain_each_images_questions_once(shared_data):
+    single = D.vqa_rad(shared_data / "vqa_rad", "train", "balanced")
+    dialogues = D.load_source("vqa_rad", shared_data / "vqa_rad", "train", "dialogue")
+    assert len(dialogues) == 322 and max(len(d.followups) for d in dialogues) == 2  # at most 3 questions
+    by_qid = {ex.meta["qid"]: ex for ex in single}
+    qids = [q for d in dialogues for q in d.meta["qids"]]
+    assert sorted(qids) == sorted(by_qid)  # every training QA pair exactly once
+    for d in dialogues:
+        chain = [by_qid[q] for q in d.meta["qids"]]
+        assert {ex.images for ex in chain} == {d.images}  # one image per dialogue
+        assert len({ex.meta["linked"] for ex in chain}) == len(chain)  # never two paraphrases together
+        assert (d.prompt, d.answer) == (chain[0].prompt, chain[0].answer)  # turn 1: the report's VQA prompt
+        assert d.followups == tuple((ex.meta["question"], ex.answer) for ex in chain[1:])  # then bare questions
+    assert set(dialogues[0].texts()) >= {dialogues[0].prompt, dialogues[0].answer}
+
+
+def test_dialogue_format_is_for_vqa_rad_in_sft_only(tmp_path):
+    from openmedgemma.errors import ConfigError
+    from openmedgemma.train.config import config_from_dict
+
+    source = {"kind": "vqa_rad", "path": "vqa_rad", "format": "dialogue"}
+    config_from_dict({"stage": "sft", "model": {"config": "nano"}, "data": {"sources": [source]}})
+    for stage, src in (("rl", source), ("pretrain", source), ("sft", {**source, "kind": "pubmedqa"})):
+        with pytest.raises(ConfigError, match="dialogue"):
+            config_from_dict({"stage": stage, "model": {"config": "nano"}, "data": {"sources": [src]}})

@@ -4,6 +4,7 @@ every stage cut to 2 steps, is deterministic under a seed and writes two folders
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from openmedgemma import MedGemma, MedSigLIP
 from openmedgemma.config import from_hf_config, get_config, read_hf_config
 from openmedgemma.errors import ConfigError
+from openmedgemma.tokenizer import Tokenizer
 from openmedgemma.train import cli as train_cli
 from openmedgemma.train.nano import RECIPE_STAGES, default_recipe_dir, load_recipe, run_nano
 
@@ -42,6 +44,11 @@ def test_nano_recipe_end_to_end_is_deterministic(shared_data, tmp_path):
 
     medgemma, medsiglip = MedGemma.from_pretrained(a["outputs"]["medgemma"]), MedSigLIP.from_pretrained(a["outputs"]["medsiglip"])
     assert from_hf_config(read_hf_config(a["outputs"]["medgemma"])) == get_config("nano")
+    # the recipe writes the token ids its spiece.model really has (no CLIP defaults a loader would fill in)
+    siglip_text = json.loads((Path(a["outputs"]["medsiglip"]) / "config.json").read_text())["text_config"]
+    assert (siglip_text["bos_token_id"], siglip_text["eos_token_id"], siglip_text["pad_token_id"]) == (None, 1, 1)
+    generation = json.loads((Path(a["outputs"]["medgemma"]) / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [1, Tokenizer.from_pretrained(a["outputs"]["medgemma"]).end_of_turn_id]
     # nano MedGemma sees through the trained MedSigLIP tower, which the later stages kept frozen
     tower = medsiglip.vision_model.state_dict()
     for name, value in medgemma.vision_tower.vision_model.state_dict().items():

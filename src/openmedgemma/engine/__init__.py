@@ -13,6 +13,11 @@ Names are resolved lazily so that importing the CLI module does not import torch
 from openmedgemma.lazy import lazy_exports
 
 _EXPORTS = {
+    # the errors its functions raise, importable where they are called
+    "OpenMedGemmaError": "openmedgemma.errors",
+    "CheckpointError": "openmedgemma.errors",
+    "ImageError": "openmedgemma.errors",
+    "TokenizerError": "openmedgemma.errors",
     "Engine": "openmedgemma.engine.engine",
     "GenerationResult": "openmedgemma.engine.engine",
     "GenerationConfig": "openmedgemma.engine.sampling",

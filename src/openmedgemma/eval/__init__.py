@@ -12,6 +12,10 @@ stays instant; nothing here imports torch.
 from openmedgemma.lazy import lazy_exports
 
 _EXPORTS = {
+    # the errors its functions raise, importable where they are called
+    "OpenMedGemmaError": "openmedgemma.errors",
+    "ConfigError": "openmedgemma.errors",
+    "DataError": "openmedgemma.errors",
     "ChatModel": "openmedgemma.eval.protocols",
     "Embedder": "openmedgemma.eval.protocols",
     "result_paths": "openmedgemma.eval.runner",

@@ -12,7 +12,9 @@ Rules (all answers go through `strip_thinking` first):
   ``B) text``; the text of an option; any standalone capital letter (``A``/``I`` followed by a
   lower-case word are read as English words). Without a final-answer line: a bare letter, a
   leading letter, ``answer is (X)`` / ``answer: X`` (last one), the only letter in parentheses,
-  or the full text of one option.
+  the full text of one option, or the one option whose full text the last sentence names
+  ("The answer is Acute angle-closure glaucoma."; an option named only inside a longer named option
+  does not count; two named options, or a negation before the option, stay unparseable).
 - Yes/no: the first word of the final-answer line (or of the whole answer) must be yes or no.
 - Unparseable answers return None; tasks count them as wrong and report how many there were.
 """
@@ -136,7 +138,35 @@ def _choice_without_final_line(body: str, options: dict[str, str]) -> str | None
     in_parens = {m.upper() for m in _PAREN_LETTER.findall(body) if m.upper() in letters}
     if len(in_parens) == 1:
         return in_parens.pop()
-    return _letter_from_option_text(body, options, whole_only=True)
+    return _letter_from_option_text(body, options, whole_only=True) or _option_in_last_sentence(body, options)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_NEGATION = re.compile(r"\b(?:not|no|never|neither|nor|unlikely|excluded?|rule[sd]? out)\b|n't\b")
+
+
+def _option_in_last_sentence(body: str, options: dict[str, str]) -> str | None:
+    """The one option whose full text the last sentence names (models often end "The answer is <text>.")."""
+    sentences = [s for s in _SENTENCE_END.split(body) if _norm_option(s)]
+    if not sentences:
+        return None
+    said = _norm_option(sentences[-1])
+    spans = {}
+    for letter, text in options.items():
+        norm = _norm_option(text)
+        if norm:
+            found = [m.span() for m in re.finditer(r"(?<!\w)" + re.escape(norm) + r"(?!\w)", said)]
+            if found:
+                spans[letter] = found
+
+    def inside_longer(letter: str) -> bool:  # "glaucoma" named only as part of "angle-closure glaucoma"
+        return all(any(a <= s and e <= b and (a, b) != (s, e) for other, o in spans.items() if other != letter
+                       for a, b in o) for s, e in spans[letter])  # fmt: skip
+
+    named = [letter for letter in spans if not inside_longer(letter)]
+    if len(named) != 1 or _NEGATION.search(said[: spans[named[0]][0][0]]):
+        return None
+    return named[0]
 
 
 def parse_choice(output: str, options: dict[str, str]) -> str | None:

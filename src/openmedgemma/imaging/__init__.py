@@ -17,6 +17,9 @@ from __future__ import annotations
 from openmedgemma.lazy import lazy_exports
 
 _EXPORTS = {
+    # the errors its functions raise, importable where they are called
+    "ImageError": "openmedgemma.errors",
+    "OpenMedGemmaError": "openmedgemma.errors",
     "MedicalImage": "image",
     "VOILUT": "image",
     "load_image": "loader",

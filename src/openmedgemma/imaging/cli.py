@@ -8,7 +8,10 @@ preview FILE|FOLDER --out PNG: writes the RGB image the model will see, before t
     (1-based, as in the prompt) instead. `--slide FILE` (repeatable) previews the patches of a slide
     case instead, labelled SLIDE k PATCH n, each shown at --tile pixels (default 256).
 deid IN OUT: de-identifies a DICOM file, or every DICOM file of a folder into a mirrored tree.
-    Never writes into IN; refuses OUT equal to IN or inside it. Non-DICOM files are not copied.
+    Never writes into IN; refuses OUT equal to IN or inside it. Non-DICOM files are not copied. File and
+    folder names that carry an identifier (a UID, the patient's name or ID, a date) are replaced by the new
+    SOPInstanceUID / UID or a counter; `--mapping FILE` writes the old-to-new names and UIDs (it
+    re-identifies: only when asked, never inside OUT).
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ def register(subparsers) -> None:
     deid.add_argument(
         "--allow-burned-in", action="store_true",
         help="also process files flagged BurnedInAnnotation=YES (their pixels may still show PHI)",
+    )
+    deid.add_argument(
+        "--mapping", metavar="FILE",
+        help="write the original -> new file names and UIDs to this CSV (it re-identifies the output: keep it apart)",
     )
     add_dicomweb_arguments(deid, slides=False)
     deid.set_defaults(func=run_deid)
@@ -159,6 +166,8 @@ def contact_sheet(slices):
 
 
 def run_deid(args) -> int:
+    if args.dicomweb and args.mapping:
+        raise ImageError("--mapping applies to a local IN file or folder; a --dicomweb copy is named by the new UIDs")
     if args.dicomweb:
         from openmedgemma.imaging.pacs_cli import run_deid_dicomweb
 
@@ -169,27 +178,39 @@ def run_deid(args) -> int:
 
     from openmedgemma.imaging.deid import UIDMapper
     from openmedgemma.imaging.deid_files import (
-        DeidReport, check_output_location, deidentify_file, deidentify_tree, plan_tree,
-    )
+        DeidReport, check_mapping_location, check_output_location, deidentify_file, deidentify_tree, output_name,
+        plan_tree, write_mapping,
+    )  # fmt: skip
 
     source, target = Path(args.source), Path(args.target)
+    mapping = Path(args.mapping) if args.mapping else None
     if not source.exists():
         raise ImageError(f"{source}: no such file or folder")
     mapper = UIDMapper()
     if source.is_file():
         if target.is_dir():
-            target = target / source.name
+            target = target / output_name(source, mapper)
         check_output_location(source, target)
+        if mapping:
+            check_mapping_location(mapping, source, target)
         deidentify_file(source, target, mapper, allow_burned_in=args.allow_burned_in)
+        if mapping:
+            write_mapping(mapping, [(source, target)], source.parent, target.parent, mapper)
         print(f"deid: 1 file de-identified -> {target}")
         return 0
     check_output_location(source, target)
+    if mapping:
+        check_mapping_location(mapping, source, target)
     report = DeidReport()
-    pairs = plan_tree(source, target)
+    pairs = plan_tree(source, target, mapper)
     progress = tqdm(total=len(pairs), unit="file", desc="deid", file=sys.stderr, disable=None)
     for _ in deidentify_tree(pairs, mapper, report, allow_burned_in=args.allow_burned_in):
         progress.update(1)
     progress.close()
+    if mapping:
+        written = set(report.written)
+        write_mapping(mapping, [(a, b) for a, b in pairs if b in written], source, target, mapper)
+        print(f"deid: mapping of original to new names and UIDs -> {mapping} (it re-identifies the output)")
     for _, reason in report.failed:
         print(f"openmedgemma deid: failed: {reason}", file=sys.stderr)
     print(f"deid: {report.summary()} -> {target}")

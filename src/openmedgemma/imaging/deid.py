@@ -57,6 +57,10 @@ class UIDMapper:
     def __len__(self) -> int:
         return len(self._mapping)
 
+    def items(self) -> list[tuple[str, str]]:
+        """(original, new) UID pairs replaced so far, in the order first seen."""
+        return list(self._mapping.items())
+
 
 @lru_cache(maxsize=1)
 def _profile() -> tuple[dict[int, str], list[tuple[int, int, str]]]:

@@ -1,6 +1,7 @@
 """De-identify DICOM files and folder trees, never writing into the input.
 
-A folder's tree is mirrored into the output. Only DICOM files are written: other files are
+A folder's tree is mirrored into the output, except that a file or folder name carrying an identifier of
+the files is replaced (`deid_names`). Only DICOM files are written: other files are
 skipped rather than copied (they may hold identifying information too), and DICOMDIR indexes
 are skipped (their records hold names and the old UIDs; rebuild the index from the output).
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from openmedgemma.errors import ImageError
 from openmedgemma.imaging.deid import UIDMapper, deidentify
+from openmedgemma.imaging.deid_names import plan_names
 from openmedgemma.imaging.dicom_io import fill_transfer_syntax, is_dicomdir, read_dataset, short_reason
 from openmedgemma.imaging.sniff import sniff_format
 
@@ -37,6 +39,18 @@ def check_output_location(source: Path, target: Path) -> None:
         raise ImageError(f"{target}: output is the input itself; choose another output")
     if src.is_dir() and (src in dst.parents):
         raise ImageError(f"{target}: output is inside the input folder {source}; choose a folder outside it")
+
+
+def check_mapping_location(mapping: Path, source: Path, target: Path) -> None:
+    """The mapping re-identifies the output: refuse it inside the output (it would travel with the data), inside
+    or equal to the input (never written into), or over an existing file."""
+    path = mapping.resolve()
+    for place, what in ((target.resolve(), "output"), (source.resolve(), "input")):
+        if path == place or place in path.parents:
+            raise ImageError(f"{mapping}: the mapping file must not be inside the {what} ({place}); it re-identifies "
+                             "the de-identified files, so keep it apart from them")  # fmt: skip
+    if path.exists():
+        raise ImageError(f"{mapping}: already exists; choose a new mapping file (nothing is overwritten)")
 
 
 def deidentify_file(source: Path, target: Path, mapper: UIDMapper, *, allow_burned_in: bool = False) -> Path:
@@ -66,10 +80,31 @@ def deidentify_to(ds, name: str, target: Path, mapper: UIDMapper, *, allow_burne
     return target
 
 
-def plan_tree(source: Path, target: Path) -> list[tuple[Path, Path]]:
-    """(input file, output file) pairs mirroring `source` under `target`."""
+def plan_tree(source: Path, target: Path, mapper: UIDMapper) -> list[tuple[Path, Path]]:
+    """(input file, output file) pairs mirroring `source` under `target`; names that carry an identifier of
+    the files (a UID, the patient's name or ID, a date...) are replaced (see `deid_names`)."""
     files = sorted(p for p in source.rglob("*") if p.is_file())
-    return [(path, target / path.relative_to(source)) for path in files]
+    return plan_names(source, target, files, mapper)
+
+
+def output_name(source: Path, mapper: UIDMapper) -> str:
+    """The name for one de-identified file written into a folder: its own, unless that identifies it."""
+    return plan_names(source.parent, Path(), [source], mapper)[0][1].name
+
+
+def write_mapping(path: Path, pairs: list[tuple[Path, Path]], source: Path, target: Path, mapper: UIDMapper) -> None:
+    """The old-to-new file names and UIDs as CSV (kind, original, deidentified). It re-identifies the
+    output, so it is written only when asked, and never inside the output."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["kind", "original", "deidentified"])
+        for old, new in pairs:
+            out.writerow(["file", old.relative_to(source).as_posix(), new.relative_to(target).as_posix()])
+        for old, new in mapper.items():
+            out.writerow(["uid", old, new])
 
 
 def deidentify_tree(

@@ -8,6 +8,7 @@
     thought, answer = tok.decode_thinking(generated_ids)
 """
 
+from openmedgemma.errors import TokenizerError  # what its functions raise, importable where they are called
 from openmedgemma.tokenizer.build import build_siglip_tokenizer, build_tokenizer, compact_layout, official_layout
 from openmedgemma.tokenizer.chat import (
     CHAT_TEMPLATE,
@@ -30,6 +31,7 @@ __all__ = [
     "THOUGHT_START",
     "IncrementalDecoder",
     "Tokenizer",
+    "TokenizerError",
     "build_siglip_tokenizer",
     "build_tokenizer",
     "compact_layout",

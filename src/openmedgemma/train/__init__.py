@@ -13,6 +13,11 @@ from __future__ import annotations
 from openmedgemma.lazy import lazy_exports
 
 _EXPORTS = {
+    # the errors its functions raise, importable where they are called
+    "OpenMedGemmaError": "openmedgemma.errors",
+    "ConfigError": "openmedgemma.errors",
+    "DataError": "openmedgemma.errors",
+    "CheckpointError": "openmedgemma.errors",
     "TrainConfig": "config",
     "load_config": "config",
     "config_from_dict": "config",

@@ -7,6 +7,7 @@
   `\\n\\n<start_of_image>` + soft tokens + `<end_of_image>\\n\\n`. Labels are the answer tokens and the
   closing `<end_of_turn>` (so the model learns to stop); -100 on the prompt, the image soft tokens,
   `<start_of_image>` / `<end_of_image>`, the final newline and the padding.
+  A conversation (`Example.followups`) repeats this per turn; every answer is labelled.
 - `mode="plain"` (pretrain): `<bos>` + images + text + `<eos>`, loss on the text and `<eos>`.
 
 Sequences longer than `max_length` are cut at the right; a cut never splits an image (the image is dropped).
@@ -110,10 +111,18 @@ class LMCollator:
     def encode(self, ex: Example) -> Encoded:
         self._check_images(ex)
         if self.mode == "chat":
-            prompt = self.prompt_ids(ex)
-            answer = self.tok.encode(ex.answer.strip()) + [self.tok.end_of_turn_id]
-            ids = prompt + answer + self._newline
-            labels = [IGNORE] * len(prompt) + answer + [IGNORE] * len(self._newline)
+            ids, labels, messages = [], [], [self.user_message(ex)]
+            for question, answer in ((ex.prompt, ex.answer), *ex.followups):
+                if len(messages) > 1:
+                    messages.append({"role": "user", "content": question})
+                # each turn's prompt is exactly what chat generation starts from after the earlier turns
+                prompt = self.tok.encode_chat(messages, image_seq_length=self.image_seq_length)  # + generation prompt
+                if prompt[: len(ids)] != ids:
+                    raise DataError(f"{ex.source}: the tokenizer merges text across a turn boundary of this conversation")
+                answer_ids = self.tok.encode(answer.strip()) + [self.tok.end_of_turn_id]
+                labels += [IGNORE] * (len(prompt) - len(ids)) + answer_ids + [IGNORE] * len(self._newline)
+                ids = prompt + answer_ids + self._newline
+                messages.append({"role": "assistant", "content": answer})
         else:
             ids = [self.tok.bos_id] + self._image_ids * len(ex.images)
             if ex.prompt.strip():

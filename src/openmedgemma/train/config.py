@@ -72,7 +72,8 @@ class SourceSection:
     path: str = ""  # file or folder; relative paths resolve against data.data_dir
     split: str = "train"
     split_scheme: Literal["balanced", "official"] = "balanced"  # vqa_rad only
-    format: Literal["qa", "caption", "text"] = "qa"  # qa: prompt -> answer; caption: image -> text; text: plain text
+    # qa: prompt -> answer; dialogue: several questions about one image (vqa_rad); caption: image -> text; text: plain
+    format: Literal["qa", "dialogue", "caption", "text"] = "qa"
     weight: float = 1.0  # share of the mixture (normalised over the sources)
     limit: int = 0  # keep the first N examples (0: all)
     name: str = ""  # label in logs (default: kind:split)
@@ -304,6 +305,8 @@ def _validate(cfg: TrainConfig, file: str) -> None:
         need(bool(s.path), f"{where}.path", "a path to the dataset file or folder is required", s.path)
         need(s.weight > 0, f"{where}.weight", "must be > 0", s.weight)
         need(s.limit >= 0, f"{where}.limit", "must be >= 0", s.limit)
+        need(s.format != "dialogue" or (cfg.stage == "sft" and s.kind == "vqa_rad"), f"{where}.format",
+             "dialogue (several questions about one image) is for vqa_rad sources of the sft stage", s.format)
     for key, sources in (("data.sources", cfg.data.sources), ("eval.sources", cfg.eval.sources)):
         kinds = {s.kind for s in sources}  # data.sources is not empty (checked above); eval.sources may be
         if cfg.stage == "distill":

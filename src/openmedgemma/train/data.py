@@ -5,6 +5,8 @@ Every reader returns a list of `Example`s (prompt -> answer, with optional image
 uint8 arrays; decoding happens in the collator). Formats:
 
 - `qa`: the user turn is the prompt (with the images), the model turn the answer; loss on the answer only.
+- `dialogue` (VQA-RAD): several questions about one image in one conversation (`followups` after the first
+  turn, see `openmedgemma.eval.dialogue`); loss on every answer.
 - `caption`: an image and its text (SigLIP pairs; captioning in pretraining).
 - `text`: plain text (pretraining on medical text).
 
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from openmedgemma.errors import DataError
+from openmedgemma.eval.dialogue import chain_dialogues
 from openmedgemma.eval.prompts import MCQ_TEMPLATE, VQA_TEMPLATE, cxr_prompt, mcq_prompt, vqa_prompt
 
 # The evaluation's prompts (the report's, spec §4), so that fine-tuning sees exactly what evaluation asks.
@@ -49,13 +52,19 @@ VQA_RAD_BALANCED = "vqa_rad_balanced_split.tsv"
 
 @dataclass
 class Example:
-    """One training example. `images` hold file paths or uint8 arrays ([H, W] or [H, W, 3])."""
+    """One training example. `images` hold file paths or uint8 arrays ([H, W] or [H, W, 3]); they belong to the
+    first user turn. `followups`: later (question, answer) turns of the same conversation (chat training)."""
 
     prompt: str = ""
     answer: str = ""
     images: tuple = ()
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    followups: tuple[tuple[str, str], ...] = ()
+
+    def texts(self) -> list[str]:
+        """Every prompt and answer the example holds (what a tokenizer learns from)."""
+        return [t for t in (self.prompt, self.answer, *(x for turn in self.followups for x in turn)) if t]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -145,7 +154,8 @@ def vqa_rad(root: str | Path, split: str = "train", scheme: str = "balanced") ->
             prompt=vqa_prompt(r["question"].strip()), answer=answer, images=(str(image),),
             source=f"vqa_rad:{split}",
             meta={"qid": int(r["qid"]), "question": r["question"].strip(), "answer_type": r["answer_type"].strip(),
-                  "organ": str(r.get("image_organ", "")).strip(), "image_name": r["image_name"]},
+                  "organ": str(r.get("image_organ", "")).strip(), "image_name": r["image_name"],
+                  "linked": str(r.get("qid_linked_id", r["qid"]))},
         ))  # fmt: skip
     return out
 
@@ -183,6 +193,19 @@ def captions_from_qa(examples: Sequence[Example], source: str = "") -> list[Exam
             parts.append(f"{question} {qa.answer.strip().rstrip('.')}.")
         out.append(Example(answer=" ".join(parts), images=(image,), source=source or qas[0].source + ":captions",
                            meta={"image": image, "pairs": len(qas)}))  # fmt: skip
+    return out
+
+
+def dialogues_from_qa(examples: Sequence[Example], source: str = "") -> list[Example]:
+    """VQA-RAD QA pairs chained into conversations about one image (`chain_dialogues`): the first turn is the
+    image with the report's VQA prompt, each follow-up the bare question."""
+    out = []
+    for chain in chain_dialogues(examples, lambda ex: ex.images, lambda ex: ex.meta.get("linked", ex.meta.get("qid"))):
+        first = chain[0]
+        out.append(Example(prompt=first.prompt, answer=first.answer, images=first.images,
+                           source=source or first.source + ":dialogue",
+                           meta={"qids": [ex.meta.get("qid") for ex in chain], "image_name": first.meta.get("image_name")},
+                           followups=tuple((ex.meta["question"], ex.answer) for ex in chain[1:])))  # fmt: skip
     return out
 
 
@@ -387,8 +410,10 @@ def load_source(kind: str, path: str | Path, split: str = "train", fmt: str = "q
         examples = vqa_rad(path, split, scheme)
         if fmt == "caption":
             examples = captions_from_qa(examples)
+        elif fmt == "dialogue":
+            examples = dialogues_from_qa(examples)
         elif fmt != "qa":
-            raise DataError(f"{path}: VQA-RAD has images; use format qa or caption, not {fmt!r}")
+            raise DataError(f"{path}: VQA-RAD has images; use format qa, dialogue or caption, not {fmt!r}")
     elif kind == "pneumonia_mnist":
         examples = pneumonia_mnist(path, split, fmt)
     elif kind == "mcq":

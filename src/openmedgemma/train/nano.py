@@ -78,7 +78,7 @@ def training_texts(*configs: TrainConfig) -> list[str]:
             key = source_args(s, cfg.data.data_dir)
             if key not in seen:
                 seen.add(key)
-                texts.update(t for ex in load_source(*key) for t in (ex.prompt, ex.answer) if t)
+                texts.update(t for ex in load_source(*key) for t in ex.texts())
     return sorted(texts)
 
 
@@ -120,7 +120,7 @@ def init_medgemma(siglip_dir: Path, tokenizer_dir: Path, folder: Path, seed: int
 def export(src: Path, dst: Path) -> Path:
     """Copy a stage's final model folder (weights, config, tokenizer files) to `dst` and add the processor files."""
     from openmedgemma.config import MedGemmaConfig, from_hf_config, read_hf_config
-    from openmedgemma.tokenizer import CHAT_TEMPLATE
+    from openmedgemma.tokenizer import CHAT_TEMPLATE, Tokenizer
 
     if dst.exists():
         shutil.rmtree(dst)
@@ -136,11 +136,21 @@ def export(src: Path, dst: Path) -> Path:
                  "do_pan_and_scan": None, "image_seq_length": n, "size": size}  # fmt: skip
         _write_json(dst / "processor_config.json", {"image_seq_length": n, "processor_class": "Gemma3Processor"})
         _write_json(dst / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+        _write_json(dst / "generation_config.json", generation_config(config, Tokenizer.from_pretrained(dst)))
     else:
         image = {**_IMAGE_PROCESSOR, "image_processor_type": "SiglipImageProcessor", "processor_class": "SiglipProcessor",
                  "size": size}  # fmt: skip
     _write_json(dst / "preprocessor_config.json", image)
     return dst
+
+
+def generation_config(config, tok) -> dict:
+    """What transformers' `generate` reads beside config.json: as in the official -it folders, a turn ends
+    generation (`<end_of_turn>` as well as `<eos>`); without it generation would run on to max_new_tokens."""
+    text = config.text
+    eos = list(text.eos_token_id) if isinstance(text.eos_token_id, (list, tuple)) else [text.eos_token_id]
+    eos += [tok.end_of_turn_id] if tok.end_of_turn_id not in eos else []
+    return {"bos_token_id": text.bos_token_id, "eos_token_id": eos, "pad_token_id": text.pad_token_id}
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -7,6 +7,9 @@ The reference report is FINDINGS followed by IMPRESSION (either may be absent, n
   images/images_normalized/, images/ or the folder itself; the first Frontal image is used.
 - IU X-ray, OpenI XML form: ecgen-radiology/*.xml with <AbstractText Label="FINDINGS|IMPRESSION">
   and <parentImage id="...">; images NLMCXR_png/<id>.png (the first image listed is used).
+- R2Gen `annotation.json` (IU X-ray and MIMIC-CXR as most report-generation work ships them):
+  {"train": [...], "val": [...], "test": [...]}, each entry {id, report, image_path: [relative paths],
+  split}; images under images/ next to the file (or the folder itself); the first image is used.
 - MIMIC-CXR: reports files/p<2>/p<subject>/s<study>.txt (free text with "FINDINGS:" and
   "IMPRESSION:" headers), mimic-cxr-2.0.0-split.csv(.gz) for the split, images from MIMIC-CXR-JPG
   at files/p<2>/p<subject>/s<study>/<dicom_id>.jpg (a PA/AP view when the metadata file is there).
@@ -14,6 +17,7 @@ The reference report is FINDINGS followed by IMPRESSION (either may be absent, n
 
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -79,6 +83,60 @@ def read_iu_xml(folder: Path) -> list[ReportItem]:
             items.append(ReportItem(path.stem, image_dir / f"{images[0]}.png", text))
     if not items:
         raise DataError(f"iu-xray: no report in {folder} has findings/impression and an image")
+    return items
+
+
+R2GEN_FILE = "annotation.json"
+# split names as copies of annotation.json spell them -> train / val / test
+_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
+           "validation": "val", "dev": "val", "test": "test", "testing": "test"}  # fmt: skip
+
+
+def split_name(name: str) -> str | None:
+    return _SPLITS.get(str(name).strip().lower())
+
+
+def read_r2gen(path: Path, split: str, task: str) -> list[ReportItem]:
+    """R2Gen's annotation.json. An entry's own `split` field wins over the key it is listed under (copies
+    differ: "validation" or "valid" keys, every entry under one key, a bare list of entries)."""
+    wanted = split_name(split)
+    if wanted is None:
+        raise DataError(f"{task}: split must be train, val or test for {path.name}, got {split!r}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not readable JSON ({err})") from None
+    groups = data.items() if isinstance(data, dict) else [("", data)]
+    entries = []
+    for key, value in groups:
+        if not isinstance(value, list):
+            continue  # other top-level fields (a version, a description) are not entries
+        for n, entry in enumerate(value):
+            where = f"{path}: {key or 'entry'}[{n}]"
+            if not isinstance(entry, dict):
+                raise DataError(f"{where}: expected an object with id, report and image_path")
+            require_columns(where, entry, ["id", "report", "image_path"])
+            own = split_name(entry["split"]) if entry.get("split") not in (None, "") else split_name(key)
+            if own is None:
+                raise DataError(f"{where}: split {entry.get('split', key)!r} is not train, val or test")
+            entries.append((own, entry, where))
+    if not entries:
+        raise DataError(f"{path}: no entries (expected {{\"train\": [...], \"val\": [...], \"test\": [...]}})")
+    images = path.parent / "images"
+    items = []
+    for own, entry, where in entries:
+        paths = entry["image_path"]
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+            raise DataError(f"{where}: image_path must be a non-empty list of relative paths")
+        text = str(entry["report"] or "").strip()
+        if own == wanted and text:
+            first = Path(paths[0])
+            base = images if (images / first).is_file() or not (path.parent / first).is_file() else path.parent
+            items.append(ReportItem(str(entry["id"]), base / first, text))
+    if not items:
+        counts = {s: sum(o == s for o, _, _ in entries) for s in ("train", "val", "test")}
+        raise DataError(f"{path}: no {wanted} entry with a report (entries per split: {counts})")
     return items
 
 

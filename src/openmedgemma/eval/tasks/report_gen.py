@@ -87,29 +87,44 @@ class ReportTask(ChatTask):
 @register
 class IuXrayReport(ReportTask):
     name = "iu-xray-report"
-    description = "IU X-ray (OpenI) report generation: indiana_reports.csv or the ecgen-radiology XML"
-    option_defaults = {"images": "all"}  # IU X-ray has no official split: all reports
+    description = "IU X-ray (OpenI) report generation: R2Gen annotation.json, indiana_reports.csv or the ecgen XML"
+    # IU X-ray has no official split: the CSV and XML forms give all reports; R2Gen's annotation.json has one
+    # (split: its test part by default)
+    option_defaults = {"images": "all", "split": ""}
     folders = ("", "iu_xray", "iu-xray", "IU_XRay")
 
     def read_items(self) -> list[rf.ReportItem]:
         root = require_dir(self.data_dir, self.name)
+        split = self.options["split"]
         for folder in self.folders:
+            if (root / folder / rf.R2GEN_FILE).is_file():
+                return rf.read_r2gen(root / folder / rf.R2GEN_FILE, split or "test", self.name)
+            if split:
+                continue
             if (root / folder / "indiana_reports.csv").is_file():
                 return rf.read_iu_csv(root / folder / "indiana_reports.csv")
             if (root / folder / "ecgen-radiology").is_dir():
                 return rf.read_iu_xml(root / folder / "ecgen-radiology")
-        raise DataError(f"{self.name}: neither indiana_reports.csv nor ecgen-radiology/ found under {root}")
+        if split:
+            raise DataError(f"{self.name}: split={split} needs R2Gen's {rf.R2GEN_FILE} (the CSV and XML forms have "
+                            f"no split), none found under {root}")  # fmt: skip
+        raise DataError(
+            f"{self.name}: none of {rf.R2GEN_FILE}, indiana_reports.csv or ecgen-radiology/ found under {root}"
+        )
 
 
 @register
 class MimicCxrReport(ReportTask):
     name = "mimic-cxr-report"
-    description = "MIMIC-CXR report generation (reports files/ + split CSV + JPG images)"
-    folders = ("", "mimic-cxr-jpg/2.0.0", "mimic-cxr-jpg", "mimic-cxr")
+    description = "MIMIC-CXR report generation (R2Gen annotation.json, or reports files/ + split CSV + JPG images)"
+    folders = ("", "mimic-cxr-jpg/2.0.0", "mimic-cxr-jpg", "mimic-cxr", "mimic_cxr")
 
     def read_items(self) -> list[rf.ReportItem]:
         root = require_dir(self.data_dir, self.name)
         for folder in self.folders:
+            if (root / folder / rf.R2GEN_FILE).is_file():
+                return rf.read_r2gen(root / folder / rf.R2GEN_FILE, self.options["split"], self.name)
+        for folder in self.folders:
             if (root / folder / "files").is_dir():
                 return rf.read_mimic_reports(root / folder, self.options["split"])
-        raise DataError(f"{self.name}: no files/ folder of reports under {root}")
+        raise DataError(f"{self.name}: no {rf.R2GEN_FILE} and no files/ folder of reports under {root}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from openmedgemma.errors import DataError
 
+from ..dialogue import DIALOGUE_TURNS, chain_dialogues
 from ..metrics import exact_match, mean_estimate, normalize_answer, token_f1
 from ..parsing import free_text_answer
 from ..prompts import vqa_prompt
@@ -188,6 +189,57 @@ class VqaRad(VqaTask):
             "VQA-RAD: split 'balanced' = vqa_rad_balanced_split.tsv (QID_unique == JSON qid), as in "
             "the report; answer_type is stripped ('CLOSED ' counts as CLOSED); numeric answers are "
             "compared as text."
+        ]
+
+
+@register
+class VqaRadDialogue(VqaRad):
+    """VQA-RAD questions about one image chained into conversations (`openmedgemma.eval.dialogue`), scored on
+    the follow-up turns: what a model answers to a second or third question in a chat."""
+
+    name = "vqa-rad-dialogue"
+    description = "VQA-RAD follow-up turns: questions about one image chained into a conversation (balanced test)"
+    # first=bare: turn 1 is the bare question too, as a chat user types it (default: the report's VQA prompt)
+    option_defaults = {"split": "balanced", "part": "test", "turns": DIALOGUE_TURNS, "first": "report"}
+
+    def load_examples(self) -> list[Example]:
+        turns = self.options["turns"]
+        if turns < 2:
+            raise DataError(f"{self.name}: turns must be >= 2 (a dialogue needs a follow-up), got {turns}")
+        if self.options["first"] not in ("report", "bare"):
+            raise DataError(f"{self.name}: first must be report or bare, got {self.options['first']!r}")
+        single = super().load_examples()
+        folder = find_containing(self.data_dir, self.folders, self.json_name, self.name)
+        rows = {str(r["qid"]): r for r in read_json(folder / self.json_name)}
+        chains = chain_dialogues(single, lambda ex: rows[ex.id]["image_name"],
+                                 lambda ex: rows[ex.id].get("qid_linked_id", ex.id), turns)  # fmt: skip
+        examples = []
+        for chain in chains:
+            history = list(chain[0].messages)
+            if self.options["first"] == "bare":
+                image = history[0]["content"][0]
+                history = user_turn(str(rows[chain[0].id]["question"]).strip(), image=image["image"])
+            for turn, ex in enumerate(chain, 1):
+                if turn > 1:
+                    messages = history + [{"role": "user", "content": str(rows[ex.id]["question"]).strip()}]
+                    history_ids = [earlier.id for earlier in chain[: turn - 1]]
+                    meta = {**ex.meta, "turn": turn, "history": history_ids}
+                    examples.append(Example(ex.id, messages, ex.target, meta))
+                    history = messages
+                history = history + [{"role": "assistant", "content": ex.target}]
+        if not examples:
+            raise DataError(f"{self.name}: no image has two questions in this split, so there is no follow-up turn")
+        self.data_info = {"dialogues": sum(len(c) > 1 for c in chains), "follow_up_turns": len(examples)}
+        return examples
+
+    def notes(self) -> list[str]:
+        first = "report's VQA prompt" if self.options["first"] == "report" else "bare question"
+        return super().notes() + [
+            f"Dialogues: the questions about one image in file order, at most {self.options['turns']} per "
+            "dialogue, never two paraphrases of one question (qid_linked_id) in one dialogue. Turn 1 is the "
+            f"image with the {first}; each follow-up is the bare question. Earlier turns carry the "
+            "reference answers (not the model's own), so every follow-up is scored on the same history. Only "
+            "follow-up turns are scored (turn 1 is the vqa-rad task)."
         ]
 
 
