@@ -164,3 +164,24 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(engine):
                                                 r"are free; lower --max-batch or --max-model-len"):
         Scheduler(engine, max_batch=100_000)
     assert Scheduler(engine, max_batch=2).max_model_len == 2048  # nano's context, under the 8192 default cap
+
+
+def test_prepacked_weights_give_the_same_batched_answers(engine):
+    """Engine(prepack_weights=True): decode matmuls through oneDNN's reordered copy; same tokens, same numbers."""
+    from openmedgemma.bundled import nano_path
+    from openmedgemma.engine import Engine
+
+    prepacked = Engine.from_pretrained(nano_path("medgemma"), prepack_weights=True)
+    assert prepacked.decoder.prepack and prepacked.decoder.prepacked_bytes > 0
+    convs = [conversation(i) for i in range(6)]
+    configs = [GenerationConfig(max_new_tokens=8 + i) for i in range(6)]
+    results = []
+    for eng in (engine, prepacked):
+        scheduler = Scheduler(eng, max_batch=6, prefix_cache_bytes=0).start()
+        try:
+            results.append(run_all(scheduler, eng, convs, configs, ignore_eos=True, logprobs=0))
+        finally:
+            scheduler.stop()
+    for plain, packed in zip(*results):
+        assert packed.result.token_ids == plain.result.token_ids
+        assert packed.all_logprobs == pytest.approx(plain.all_logprobs, abs=2e-4)

@@ -148,6 +148,9 @@ class Engine:
     prefill_chunk: prompt tokens per prefill step (bounds activation memory for long prompts).
     compile: run decode steps through `torch.compile` (opt-in: the first step compiles, tens of seconds
     on CPU; `decoder.compile_seconds` says how long). Needs fast=True.
+    prepack_weights: CPU fp32 only: decode steps multiply through a second copy of the decoder's linear weights
+    in oneDNN's blocked layout (`decoder.prepacked_bytes` says how much), which makes steps of several rows
+    (batches, continuous batching) much cheaper; a one-row step runs as before. Off by default (memory).
     image_cache_size / image_cache_bytes: image features kept (by content hash of the pixels, at most this
     many and this many bytes), so asking again about an image, a volume or a slide case skips the vision
     tower; `vision_calls` counts the images the tower ran on. The defaults hold a full case (126 patches)
@@ -169,6 +172,7 @@ class Engine:
         image_cache_size: int = 256,
         fast: bool = True,
         compile: bool = False,
+        prepack_weights: bool = False,
         vision_batch: int = VISION_BATCH,
         image_cache_bytes: int = 1 << 30,
     ):
@@ -190,7 +194,7 @@ class Engine:
             self.head = quantized_head(model, quantize)
         if compile and not fast:
             raise OpenMedGemmaError("compile=True compiles the fast decoder; it needs fast=True")
-        self.decoder = FastDecoder(model.language_model, compile=compile) if fast else False
+        self.decoder = FastDecoder(model.language_model, compile=compile, prepack=prepack_weights) if fast else False
         self.image_cache_size, self.image_cache_bytes = image_cache_size, image_cache_bytes
         self.vision_batch = vision_batch
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
