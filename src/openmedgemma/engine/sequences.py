@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from openmedgemma.engine.engine import MAX_NEW_TOKENS, STOP_STRING, STOP_TOKEN  # noqa: F401 (the engine's reasons)
 from openmedgemma.engine.sampling import GenerationConfig
 
 WAITING, PREFILLING, RUNNING, FINISHED = "waiting", "prefilling", "running", "finished"
-STOP_TOKEN, STOP_STRING, MAX_NEW_TOKENS, CANCELLED = "stop_token", "stop_string", "max_new_tokens", "cancelled"
+CANCELLED = "cancelled"
 
 
 @dataclass
