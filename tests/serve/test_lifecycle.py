@@ -61,20 +61,50 @@ def _env():
 
 
 def test_health_is_503_while_loading_then_200():
-    srv = ServerProcess(ready=False)
+    """The app in process with a loader held back by an event: /health (and the model routes) say 503 until the
+    models are in, then 200. nano loads too fast to catch this state from outside."""
+    import threading
+
+    import uvicorn
+
+    from openmedgemma.cli import build_parser
+    from openmedgemma.serve.app import ServerConfig, ServerState, create_app
+    from openmedgemma.serve.cli import _bind, load
+
+    args = build_parser().parse_args(["serve", "--port", "0", "--max-batch", "2"])
+    release = threading.Event()
+
+    def loader(state):
+        release.wait(60)
+        load(state, args)
+
+    state = ServerState(ServerConfig())
+    sock = _bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_app(state, loader=loader), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
     try:
-        first = httpx.get(srv.url + "/health", timeout=10)
-        # nano loads in about a second: the first answer may already be 200; never anything else
-        assert first.status_code in (200, 503)
-        if first.status_code == 503:
-            assert first.json()["error"]["message"] == "loading the model"
-            assert httpx.get(srv.api + "/models").status_code == 200  # listing needs no model
-            r = httpx.post(srv.api + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-            assert r.status_code in (200, 503)
-        srv.wait_ready()
-        assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = httpx.get(url + "/health", timeout=10)
+        assert first.status_code == 503 and first.json()["error"]["message"] == "loading the model"
+        assert first.headers["retry-after"] == "5"
+        busy = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "loading"
+        release.set()
+        deadline = time.monotonic() + 120
+        while not state.ready and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        ok = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "max_tokens": 2}, timeout=60)  # fmt: skip
+        assert ok.status_code == 200
     finally:
-        srv.stop()
+        release.set()
+        server.should_exit = True
+        thread.join(30)
 
 
 def test_client_disconnect_cancels_and_frees_the_slot(server):
