@@ -87,7 +87,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY(openmedgemma, m) {
+TORCH_LIBRARY_FRAGMENT(openmedgemma, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scale, int n) -> Tensor");
 }
 

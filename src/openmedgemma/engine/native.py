@@ -1,9 +1,11 @@
-"""The engine's compiled CPU kernel (`int8_gemv.cpp`): built once on this machine, then loaded from a cache.
+"""The engine's compiled CPU kernels (`SOURCES`): built once on this machine, then loaded from a cache.
 
 Weight-only int8 decode on CPU needs a matrix-vector product that reads the int8 weights directly;
 torch has one only for AVX-512 CPUs. The kernel is C++ against torch's own headers and libraries
 (so it runs on torch's thread pool and is a real torch op, `torch.ops.openmedgemma.int8_gemv`, which
-torch.compile can trace), built with the system C++ compiler the first time it is needed (~15 s) into
+torch.compile can trace). Every kernel source in `SOURCES` (each registers its ops with
+`TORCH_LIBRARY_FRAGMENT(openmedgemma, m)`) goes into one library, built with the system C++ compiler
+the first time a kernel is needed (~15 s) into
 `$OPENMEDGEMMA_CACHE` (default `$XDG_CACHE_HOME/openmedgemma`, else `~/.cache/openmedgemma`) and reused
 by every later process. Nothing is downloaded. Where it cannot be built or run (no compiler, a CPU
 without AVX2, not x86-64, `OPENMEDGEMMA_NATIVE=0`), `int8_gemv_available()` is False, says why once,
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("int8_gemv.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8_gemv.cpp",))
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
 
 
@@ -96,7 +98,7 @@ def _build() -> Path:
         raise NativeBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
     torch_dir = Path(torch.__file__).parent
     include, lib = torch_dir / "include", torch_dir / "lib"
-    flags = ["-O3", "-mavx2", "-mfma", "-std=c++20", "-shared", "-fPIC", "-w",
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++20", "-shared", "-fPIC", "-w",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              f"-I{include}", f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
              f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch", "-ltorch_cpu", "-lc10"]  # fmt: skip
@@ -104,8 +106,9 @@ def _build() -> Path:
         flags += ["-undefined", "dynamic_lookup"]  # Apple clang has no OpenMP: at::parallel_for runs serially
     else:
         flags.append("-fopenmp")  # at::parallel_for inlines OpenMP; libgomp.so.1 resolves to torch's, loaded
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((torch.__version__, str(torch_dir), cxx, flags)).encode())
-    target = cache_dir() / f"int8_gemv-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
+                         + repr((torch.__version__, str(torch_dir), cxx, flags)).encode())  # fmt: skip
+    target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     try:
@@ -114,14 +117,16 @@ def _build() -> Path:
             raise PermissionError
     except OSError:  # e.g. a read-only home: build for this process only
         target = Path(tempfile.mkdtemp(prefix="openmedgemma-kernels-")) / target.name
-    print(f"openmedgemma: building the int8 CPU kernel (once, ~15 s) into {target.parent}", file=sys.stderr)
+    print(f"openmedgemma: building the CPU kernels (once, ~15 s) into {target.parent}", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # build beside, then rename: atomic for
     os.close(fd)  # several processes building at once
     try:
-        done = subprocess.run([cxx, str(SOURCE), "-o", tmp, *flags], capture_output=True, text=True, timeout=600)
+        done = subprocess.run([cxx, *map(str, SOURCES), "-o", tmp, *flags], capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
         if done.returncode != 0:
             tail = " ".join(done.stderr.strip().splitlines()[-3:])
-            raise NativeBuildError(f"{cxx} failed to compile {SOURCE.name}: {tail[-500:]}")
+            names = ", ".join(s.name for s in SOURCES)
+            raise NativeBuildError(f"{cxx} failed to compile {names}: {tail[-500:]}")
         os.replace(tmp, target)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise NativeBuildError(f"could not run {cxx}: {err}") from None

@@ -24,7 +24,9 @@ from torch import nn
 from openmedgemma.engine import native
 from openmedgemma.errors import OpenMedGemmaError
 
-MODES = ("int8", "int8-dynamic")
+# mode -> the layer class that replaces an nn.Linear: cls(weight, mode). Each weight format lives in its own
+# module and adds itself here (one line); `quantize`, `quantized_head`, Engine and the CLIs read this.
+LAYERS: dict[str, type] = {}
 # Above this many rows (prefill), dequantizing once and running one BLAS matmul beats the int8 kernel.
 FUSED_MAX_ROWS = 8
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -47,8 +49,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, mode: str = "int8"):
         super().__init__()
-        if mode not in MODES:
-            raise OpenMedGemmaError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+        if mode not in ("int8", "int8-dynamic"):
+            raise OpenMedGemmaError(f"unknown int8 mode {mode!r}; use int8 or int8-dynamic")
         q, scale = quantize_weight(weight)
         self.mode = mode
         self.out_features, self.in_features = q.shape
@@ -91,6 +93,10 @@ class Int8Linear(nn.Module):
         return (x @ dense.view(k, -1))[:, : self.out_features] * scale
 
 
+LAYERS.update({"int8": Int8Linear, "int8-dynamic": Int8Linear})
+MODES = tuple(LAYERS)
+
+
 def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, device: torch.device):
     """fbgemm's prepacked int8 weight for `torch.ops.quantized.linear_dynamic` (x86 / ARM CPUs)."""
     if device.type != "cpu":
@@ -115,10 +121,10 @@ def quantize(model, mode: str = "int8") -> None:
             for name in LINEARS:
                 module = getattr(parent, name, None)
                 if isinstance(module, nn.Linear):
-                    setattr(parent, name, Int8Linear(module.weight, mode))
+                    setattr(parent, name, LAYERS[mode](module.weight, mode))
 
 
-def quantized_head(model, mode: str) -> Int8Linear | None:
+def quantized_head(model, mode: str) -> nn.Module | None:
     """An int8 copy of the tied output head (the embedding table stays as it is for input lookups).
 
     Only on CPU, where a fused kernel reads the int8 rows directly; elsewhere dequantizing the whole
@@ -127,4 +133,4 @@ def quantized_head(model, mode: str) -> Int8Linear | None:
     weight = model.language_model.embed_tokens.weight
     if weight.device.type != "cpu":
         return None
-    return Int8Linear(weight, mode)
+    return LAYERS[mode](weight, mode)
