@@ -148,6 +148,9 @@ class Engine:
     prefill_chunk: prompt tokens per prefill step (bounds activation memory for long prompts).
     compile: run decode steps through `torch.compile` (opt-in: the first step compiles, tens of seconds
     on CPU; `decoder.compile_seconds` says how long). Needs fast=True.
+    relayout_weights: CPU fp32 only: re-lay out the decoder's linear weights in place so that a decode step's
+    1-row matmuls stream them fastest and q/k/v and gate/up each run as one matmul (`engine.fast`; same
+    values, no copy; `model.state_dict()` still gives contiguous tensors in the official layout). On by default.
     prepack_weights: CPU fp32 only: decode steps multiply through a second copy of the decoder's linear weights
     in oneDNN's blocked layout (`decoder.prepacked_bytes` says how much), which makes steps of several rows
     (batches, continuous batching) much cheaper; a one-row step runs as before. Off by default (memory).
@@ -173,6 +176,7 @@ class Engine:
         fast: bool = True,
         compile: bool = False,
         prepack_weights: bool = False,
+        relayout_weights: bool = True,
         vision_batch: int = VISION_BATCH,
         image_cache_bytes: int = 1 << 30,
     ):
@@ -194,7 +198,8 @@ class Engine:
             self.head = quantized_head(model, quantize)
         if compile and not fast:
             raise OpenMedGemmaError("compile=True compiles the fast decoder; it needs fast=True")
-        self.decoder = FastDecoder(model.language_model, compile=compile, prepack=prepack_weights) if fast else False
+        self.decoder = FastDecoder(model.language_model, compile=compile, prepack=prepack_weights,
+                                   relayout=relayout_weights) if fast else False  # fmt: skip
         self.image_cache_size, self.image_cache_bytes = image_cache_size, image_cache_bytes
         self.vision_batch = vision_batch
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()

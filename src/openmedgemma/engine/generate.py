@@ -54,8 +54,8 @@ class TokenStream:
     `config.max_new_tokens` steps). Rows that are done still ride along in the batch (static shapes).
     features: per prompt, the image features [n_images, tokens_per_image, hidden] or None.
     head: hidden [B, H] -> logits [B, V]; the model's tied head by default.
-    fast: run the decoder through `FastDecoder` (same function, fewer ops; pass one to reuse it), or
-    False for the model's own modules.
+    fast: run the decoder through a `FastDecoder` (the model's forward with the engine's weight layout and
+    kernels, engine/fast.py; pass one to reuse it), or False for the model's modules exactly as they are.
     """
 
     def __init__(
@@ -163,8 +163,6 @@ class TokenStream:
         yield token_list
 
         positions = self.positions[:, -1:]
-        if self.decoder is not None:
-            self.decoder.prepare(int(positions.max()) + config.max_new_tokens, model.dtype, model.device)
         for _ in range(config.max_new_tokens - 1):
             if all(self.done):
                 break

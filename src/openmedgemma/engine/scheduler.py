@@ -258,7 +258,6 @@ class Scheduler:
             masks = self.slots.begin(positions)
             decoder = self.engine.decoder
             if decoder:
-                decoder.prepare(int(positions.max()), self.model.dtype, device)
                 hidden = decoder.decode(tokens, positions, masks, self.slots)
             else:
                 lm = self.model.language_model

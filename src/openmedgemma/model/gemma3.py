@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmedgemma.config import FULL, SLIDING, GemmaTextConfig
-from openmedgemma.model.layers import GemmaRMSNorm, RotaryTable, apply_rotary, gelu_tanh
+from openmedgemma.model.layers import GemmaRMSNorm, RotaryTable, gelu_tanh, rotate, signed_sin
 
 
 class GemmaAttention(nn.Module):
@@ -29,19 +29,48 @@ class GemmaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qkv_kernel = self.o_kernel = None  # optional fused matmuls an engine installs (see `project`)
+        self._qk_gain: tuple | None = None
+
+    def qk_gain(self) -> torch.Tensor:
+        """The q_norm and k_norm gains stacked per head, [n_heads + n_kv, head_dim]: q and k are normed together."""
+        q, k = self.q_norm.gain(), self.k_norm.gain()
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.cat([q.expand(self.n_heads, -1), k.expand(self.n_kv, -1)])
+        if self._qk_gain is None or self._qk_gain[0] is not q or self._qk_gain[1] is not k:
+            self._qk_gain = (q, k, torch.cat([q.expand(self.n_heads, -1), k.expand(self.n_kv, -1)]))
+        return self._qk_gain[2]
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
+        """x [B, T, H]; cos / sin [B, T, 1, head_dim], sin with its sign folded in (`layers.signed_sin`)."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2))
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2))
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads, kv, dim = self.n_heads, self.n_kv, self.head_dim
+        qkv = project(x, (self.q_proj, self.k_proj, self.v_proj), self.qkv_kernel)
+        qk = qkv[..., : (heads + kv) * dim].view(b, t, heads + kv, dim)
+        qk = rotate(self.q_norm(qk, self.qk_gain()), cos, sin).transpose(1, 2)  # [B, heads + kv, T, D]
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[..., (heads + kv) * dim :].view(b, t, kv, dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=kv != heads)
+        return project(out.transpose(1, 2).reshape(b, t, heads * dim), (self.o_proj,), self.o_kernel)
+
+
+def project(x: torch.Tensor, linears: tuple, kernel=None) -> torch.Tensor:
+    """x through bias-free linear layers that read the same input, their outputs side by side.
+
+    kernel: a fused matmul for the group that an engine installed (`engine.fast`: one matmul over the weights
+    re-laid out as one buffer, or a prepacked copy); it returns None when it does not apply (the weights were
+    replaced, a shape it does not take), and is never used with autograd: then the layers run as they are
+    (adapters, quantized layers included).
+    """
+    if kernel is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        y = kernel(x)
+        if y is not None:
+            return y
+    if len(linears) == 1:
+        return linears[0](x)
+    return torch.cat([m(x) for m in linears], -1)
 
 
 class GemmaMLP(nn.Module):
@@ -50,9 +79,11 @@ class GemmaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_kernel = self.down_kernel = None  # see `project`
 
     def forward(self, x):
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.gate_up_kernel).chunk(2, -1)
+        return project(gelu_tanh(gate) * up, (self.down_proj,), self.down_kernel)
 
 
 class GemmaBlock(nn.Module):
@@ -95,7 +126,10 @@ class GemmaDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, masks: dict, kv_cache=None) -> torch.Tensor:
         """x: input embeddings [B, T, H]; positions [B, T]; masks per layer type. Returns normed hidden states."""
-        tables = {kind: rope(positions, x.dtype) for kind, rope in self.rope.items()}
+        tables = {}
+        for kind, rope in self.rope.items():  # [B, T, 1, D]: broadcast over heads in [B, T, heads, D]
+            cos, sin = rope(positions, x.dtype)
+            tables[kind] = (cos[:, :, None], signed_sin(sin)[:, :, None])
         for layer in self.layers:
             kind = layer.self_attn.layer_type
             cos, sin = tables[kind]

@@ -14,11 +14,25 @@ class GemmaRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self._gain: tuple | None = None  # (weight's identity and version, 1 + w): see `gain`
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gain(self) -> torch.Tensor:
+        """(1 + w) in fp32. Without autograd it is kept until the weight changes (a decode step runs hundreds of
+        norms, each op costing more than its arithmetic on small models); with autograd it is recomputed."""
+        w = self.weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return 1.0 + w.float()
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._gain is None or self._gain[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference mode
+                self._gain = (key, 1.0 + w.detach().float())
+        return self._gain[1]
+
+    def forward(self, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+        """gain: another (1 + w) broadcast over x's last dims (q and k heads normed together take both gains)."""
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        h = h * torch.rsqrt((h * h).mean(-1, keepdim=True) + self.eps)
+        return (h * (self.gain() if gain is None else gain)).to(x.dtype)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -48,3 +62,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with the half-rotation's sign folded in ([-sin, sin] halves), for `rotate`."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` in three ops: x * cos + roll(x, half) * signed sin (tables broadcast to x)."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), sin_signed)
