@@ -151,15 +151,11 @@ class FusedLinears:
             self._key = state  # trained in place since: the buffer holds the new values; the copy is remade
             if self.prepack:
                 self._reorder()
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
-        if self.onednn is not None and (x2.shape[0] > 1 or self.buffer is None):
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.onednn, None, "none", [], "")
-        elif self.buffer is not None:
-            y = torch.mm(x2, self.buffer)
-        else:
-            return None
-        return y.view(*lead, y.shape[-1])
+        if self.onednn is not None and (x.numel() > x.shape[-1] or self.buffer is None):  # several rows
+            return torch.ops.mkldnn._linear_pointwise(x, self.onednn, None, "none", [], "")
+        if self.buffer is not None:
+            return torch.matmul(x, self.buffer)
+        return None
 
 
 def install_kernels(language_model, *, prepack: bool = False) -> int:
