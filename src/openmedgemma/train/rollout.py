@@ -76,17 +76,13 @@ def sample_completions(
 def engine_rollout(model, *, max_new_tokens: int, temperature: float, top_k: int, stop_ids,
                    suppress_ids: Sequence[int] = ()) -> RolloutFn:
     """A rollout function over the engine's `generate_ids` (KV cache). Sampling draws from torch's global RNG
-    (saved in checkpoints). The engine's fused decoder reads plain weights, so models with adapters or
-    quantized layers run through their own modules (fast=False). A completion is cut before any id of
+    (saved in checkpoints). The engine's fused matmuls cover plain linear layers only; adapters and quantized
+    layers run through their own modules (engine/fast.py checks on every call). A completion is cut before any id of
     `suppress_ids` (an image soft token cannot be part of a completion)."""
-    from torch import nn
-
     from openmedgemma.engine.fast import FastDecoder
     from openmedgemma.engine.generate import generate_ids
 
-    projections = [m for name, m in model.language_model.named_modules() if name.endswith(("_proj",))]
-    # one fused decoder for every call (it sees weight updates); plain nn.Linear projections only
-    fast = FastDecoder(model.language_model) if all(type(m) is nn.Linear for m in projections) else False
+    fast = FastDecoder(model.language_model)  # one for every call: its kernels see weight updates
     suppress = set(suppress_ids)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None)
 
