@@ -113,25 +113,20 @@ class FusedLinears:
     is no longer the plain linears it was made for."""
 
     def __init__(self, parent: nn.Module, names: tuple[str, ...], prepack: bool):
-        self.parent, self.names = parent, names
-        self.modules = tuple(getattr(parent, n) for n in names)
-        self.weights = tuple(m.weight for m in self.modules)
-        self.buffer = fused_buffer(self.modules)
-        self.prepack = prepack
+        self.parent = parent
+        modules = tuple(getattr(parent, n) for n in names)
+        # what the kernel was made from: each layer, its weight, where that weight's data lives
+        self.members = tuple((n, m, m.weight, m.weight.data_ptr()) for n, m in zip(names, modules))
+        self.buffer = fused_buffer(modules)
         self.onednn: torch.Tensor | None = None
-        self._key = self._state()
+        self.versions: tuple[int, ...] | None = None
         if prepack:
             self._reorder()
 
-    def _state(self) -> tuple:
-        """What the kernel was made from: the modules, their weights, where the data lives and its version."""
-        own = self.parent._modules
-        return tuple((own[n], own[n]._parameters.get("weight"), w.data_ptr(), w._version)
-                     for n, w in zip(self.names, self.weights))  # fmt: skip
-
     def _reorder(self) -> None:
-        weight = torch.cat([w.detach() for w in self.weights])
-        self.onednn = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        weights = [w for _, _, w, _ in self.members]
+        self.versions = tuple(w._version for w in weights)
+        self.onednn = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), None)
 
     def __reduce__(self):
         # a copied or pickled model carries no kernels (they belong to the engine that made them, and a
@@ -143,14 +138,12 @@ class FusedLinears:
         return 0 if self.onednn is None else self.onednn.numel() * self.onednn.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        state = self._state()
-        if state != self._key:
-            same_layers = all(a[:3] == b[:3] for a, b in zip(state, self._key))
-            if not same_layers:
+        own = self.parent._modules
+        for name, module, weight, ptr in self.members:
+            if own[name] is not module or module._parameters["weight"] is not weight or weight.data_ptr() != ptr:
                 return None  # replaced (quantized, adapted, new data): the modules know what to do
-            self._key = state  # trained in place since: the buffer holds the new values; the copy is remade
-            if self.prepack:
-                self._reorder()
+        if self.versions is not None and self.versions != tuple(m[2]._version for m in self.members):
+            self._reorder()  # trained in place since it was made (the re-laid-out buffer is the weights themselves)
         if self.onednn is not None and (x.numel() > x.shape[-1] or self.buffer is None):  # several rows
             return torch.ops.mkldnn._linear_pointwise(x, self.onednn, None, "none", [], "")
         if self.buffer is not None:
@@ -172,6 +165,12 @@ def install_kernels(language_model, *, prepack: bool = False) -> int:
                 total += kernel.nbytes
         setattr(parent, attr, kernel)
     return total
+
+
+def remove_kernels(language_model) -> None:
+    """Take the installed kernels off (before replacing layers: a kernel keeps its layers' weights alive)."""
+    for parent, attr, _ in _groups(language_model):
+        setattr(parent, attr, None)
 
 
 class FastDecoder:

@@ -116,6 +116,9 @@ def quantize(model, mode: str = "int8") -> None:
     """Replace the decoder's linear layers of a MedGemma by Int8Linear, in place (vision tower untouched)."""
     if mode not in MODES:
         raise OpenMedGemmaError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+    from openmedgemma.engine.fast import remove_kernels
+
+    remove_kernels(model.language_model)  # they would step aside anyway, but hold on to the float weights
     for layer in model.language_model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in LINEARS:
