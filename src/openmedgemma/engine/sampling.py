@@ -25,6 +25,8 @@ class GenerationConfig:
     seed: int | None = None
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
     show_thinking: bool = False
+    prompt_lookup_tokens: int = 0
+    prompt_lookup_ngram: int = 3
 
     def __post_init__(self):
         if isinstance(self.stop_strings, str):
@@ -40,6 +42,10 @@ class GenerationConfig:
             raise OpenMedGemmaError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop_strings):
             raise OpenMedGemmaError("stop_strings must not contain an empty string")
+        for name, low in (("prompt_lookup_tokens", 0), ("prompt_lookup_ngram", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise OpenMedGemmaError(f"{name} must be an integer >= {low}, got {value!r}")
 
     @property
     def greedy(self) -> bool:
