@@ -22,6 +22,7 @@ import torch
 from openmedgemma.engine.cache import KVCache
 from openmedgemma.engine.fast import FastDecoder
 from openmedgemma.engine.lookup import PromptLookup
+from openmedgemma.engine.quant import Int8Linear
 from openmedgemma.engine.sampling import GenerationConfig, next_tokens
 from openmedgemma.errors import OpenMedGemmaError
 from openmedgemma.model.masks import image_block_ids
@@ -67,8 +68,8 @@ class TokenStream:
 
     With `config.prompt_lookup_tokens` > 0, greedy and one prompt, decoding is speculative (see the
     module doc); the tokens accepted in one step are still yielded one per step, and none is computed
-    further once `done` is set. Sampling or batches of several prompts decode plainly (the drafts of
-    one row could not be accepted apart from the others' on one time axis). `verify_steps`, `drafted`
+    further once `done` is set. Sampling, batches of several prompts (the drafts of one row could not
+    be accepted apart from the others' on one time axis) and int8-dynamic layers decode plainly. `verify_steps`, `drafted`
     and `accepted` count the multi-token steps, the draft tokens they checked and those kept.
     """
 
@@ -210,9 +211,15 @@ class TokenStream:
                     break
 
     def _lookup(self, first: list[int]) -> PromptLookup | None:
-        """The draft index over the prompt's text ids and the first token, or None to decode plainly."""
+        """The draft index over the prompt's text ids and the first token, or None to decode plainly.
+
+        Not with int8-dynamic layers: they quantize their input per tensor, so a row's output depends on
+        the other rows of a multi-token step, and a verify step would not compute decoding's function."""
         cfg = self.config
         if cfg.prompt_lookup_tokens < 1 or not cfg.greedy or len(self.done) != 1 or self.cache.ring < 2:
+            return None
+        modules = [self.head, *self.model.language_model.modules()]
+        if any(isinstance(m, Int8Linear) and m.mode == "int8-dynamic" for m in modules):
             return None
         ids = self.ids[0][self.valid[0]].tolist()
         image = self.model.config.image_token_index

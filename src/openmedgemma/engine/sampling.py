@@ -16,6 +16,16 @@ class GenerationConfig:
     seed: sampling draws from a generator seeded with it (same seed, same tokens); None uses torch's
     global RNG. stop_strings: generation of a row ends once its text contains one; the text is cut
     before it. show_thinking: stream the thinking block too (results always carry it as `thought`).
+
+    prompt_lookup_tokens: greedy, one prompt at a time: draft up to this many tokens per step from
+    what followed the latest earlier occurrence of the text's last n-gram (prompt and answer so far;
+    n from prompt_lookup_ngram down to 1) and check them in one forward; the tokens are those of plain
+    greedy decoding (engine/generate.py). Sampling, batches of several prompts, int8-dynamic models
+    and the serving scheduler decode plainly. Off (0) by default: answers that copy their input
+    (report rewrites, long loops) gain ~2-3x decode speed (benchmarks/RESULTS.md), but where drafts
+    are proposed and rejected each step costs a forward of 1 + N tokens instead of 1, measured at
+    0.36x decode speed for N = 8 on a 130M model on CPU when every draft fails; natural text that does
+    not copy still matches single tokens of the prompt often, so it would pay that price.
     """
 
     max_new_tokens: int = 256
