@@ -267,7 +267,15 @@ REPORT = ("The chest X-ray shows a small left pleural effusion and no pneumothor
           "process. The heart size is normal.")  # fmt: skip
 
 
-def test_engine_generate_and_stream_are_identical_on_and_off(engine):
+def test_engine_generate_and_stream_are_identical_on_and_off(engine, monkeypatch):
+    verified = []
+    plain_verify = TokenStream._verify
+
+    def verify(self, *args):
+        verified.append(self.config.prompt_lookup_tokens)
+        return plain_verify(self, *args)
+
+    monkeypatch.setattr(TokenStream, "_verify", verify)
     messages = [{"role": "user", "content": f"Rewrite this radiology report with headings: {REPORT} {REPORT}"}]
     results, streamed = [], []
     for lookup in (0, 6):
@@ -277,6 +285,7 @@ def test_engine_generate_and_stream_are_identical_on_and_off(engine):
         streamed.append(("".join(engine.stream(messages, config)), engine.last_result.token_ids))
         assert streamed[-1] == results[-1][:2]
     assert results[0] == results[1] and streamed[0] == streamed[1]
+    assert verified and set(verified) == {6}  # the Engine's runs did verify drafts, only when asked to
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +298,9 @@ def nano():
 def test_nano_on_a_vqa_rad_question_is_identical_on_and_off(nano, shared_data):
     folder = shared_data / "vqa_rad"
     item = json.loads((folder / "VQA_RAD Dataset Public.json").read_text())[8]  # "Where is the abnormality?"
-    messages = [{"role": "user", "content": [{"type": "image", "image": folder / "VQA_RAD Image Folder" /
-                                              item["image_name"]}, {"type": "text", "text": item["question"]}]}]  # fmt: skip
+    image = folder / "VQA_RAD Image Folder" / item["image_name"]
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": item["question"]}]}]  # fmt: skip
     prompt = nano.prepare(messages)
     features = nano._features_for([prompt])
     outs, streams = [], []

@@ -69,8 +69,9 @@ class TokenStream:
     With `config.prompt_lookup_tokens` > 0, greedy and one prompt, decoding is speculative (see the
     module doc); the tokens accepted in one step are still yielded one per step, and none is computed
     further once `done` is set. Sampling, batches of several prompts (the drafts of one row could not
-    be accepted apart from the others' on one time axis) and int8-dynamic layers decode plainly. `verify_steps`, `drafted`
-    and `accepted` count the multi-token steps, the draft tokens they checked and those kept.
+    be accepted apart from the others' on one time axis) and int8-dynamic layers decode plainly.
+    `verify_steps`, `drafted` and `accepted` count the multi-token steps, the draft tokens they checked
+    and those kept.
     """
 
     def __init__(
@@ -233,7 +234,8 @@ class TokenStream:
         ids = torch.tensor([[last, *drafts]], device=positions.device)
         steps = positions + 1 + torch.arange(ids.shape[1], device=positions.device)
         masks = cache.begin(steps, reversible=True)
-        hidden = (self.decoder or lm)(lm.embed(ids), steps, masks, cache)  # [1, T, H]
+        decoder = self.decoder if self.decoder is not None else lm  # the generic multi-token forward
+        hidden = decoder(lm.embed(ids), steps, masks, cache)  # [1, T, H]
         choices = self.head(hidden[0]).argmax(-1).tolist()
         kept = 0
         while kept < len(drafts) and drafts[kept] == choices[kept]:
