@@ -277,14 +277,17 @@ def test_engine_generate_and_stream_are_identical_on_and_off(engine, monkeypatch
 
     monkeypatch.setattr(TokenStream, "_verify", verify)
     messages = [{"role": "user", "content": f"Rewrite this radiology report with headings: {REPORT} {REPORT}"}]
-    results, streamed = [], []
-    for lookup in (0, 6):
-        config = GenerationConfig(max_new_tokens=48, prompt_lookup_tokens=lookup, stop_strings=("effusion",))
-        [result] = engine.generate([messages], config)
-        results.append((result.text, result.token_ids, result.stop_reason))
-        streamed.append(("".join(engine.stream(messages, config)), engine.last_result.token_ids))
-        assert streamed[-1] == results[-1][:2]
-    assert results[0] == results[1] and streamed[0] == streamed[1]
+    [plain] = engine.generate([messages], GenerationConfig(max_new_tokens=48))
+    middle = plain.text[len(plain.text) // 2 :][:3]  # a stop string the answer reaches before its stop token
+    for stops, reason in (((), plain.stop_reason), ((middle,), "stop_string")):
+        results, streamed = [], []
+        for lookup in (0, 6):
+            config = GenerationConfig(max_new_tokens=48, prompt_lookup_tokens=lookup, stop_strings=stops)
+            [result] = engine.generate([messages], config)
+            results.append((result.text, result.token_ids, result.stop_reason))
+            streamed.append(("".join(engine.stream(messages, config)), engine.last_result.token_ids))
+            assert streamed[-1] == results[-1][:2]
+        assert results[0] == results[1] and streamed[0] == streamed[1] and results[0][2] == reason
     assert verified and set(verified) == {6}  # the Engine's runs did verify drafts, only when asked to
 
 
