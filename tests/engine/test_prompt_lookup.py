@@ -183,14 +183,21 @@ def test_a_stop_inside_an_accepted_run_ends_it_there(model):
         tokens, inside = inside_runs(model, prompt)
         assert inside
         for i in inside[:4]:
-            stream = TokenStream(model, [prompt], [None], GenerationConfig(max_new_tokens=40,
-                                                                           prompt_lookup_tokens=LOOKUP))  # fmt: skip
+            forwards = []
+
+            def head(hidden):
+                forwards.append(hidden.shape[0])
+                return model.logits(hidden)
+
+            config = GenerationConfig(max_new_tokens=40, prompt_lookup_tokens=LOOKUP)
+            stream = TokenStream(model, [prompt], [None], config, head=head)
             seen = []
             for row in stream:
                 seen.append(row[0])
                 if len(seen) == i + 1:
                     stream.done[0] = True
-            assert seen == tokens[: i + 1]
+                    at_stop = len(forwards)
+            assert seen == tokens[: i + 1] and len(forwards) == at_stop  # and no forward ran after it
         firsts = [i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i]]
         for i in firsts[-2:]:
             for lookup in (0, LOOKUP):
