@@ -55,11 +55,27 @@ def test_ask_json(chat_dir, png, capsys):
     assert data["timings"]["time_to_first_token_seconds"] > 0
 
 
+def test_ask_with_prompt_lookup_gives_the_same_answer(chat_dir, capsys):
+    question = "Rewrite: The heart size is normal. No acute cardiopulmonary process. The heart size is normal."
+    answers = []
+    for extra in ([], ["--prompt-lookup", "5", "--prompt-lookup-ngram", "2"]):
+        assert main(["ask", "--model", str(chat_dir), "--max-new-tokens", "24", "--json", *extra, question]) == 0
+        answers.append(json.loads(capsys.readouterr().out)["answer"])
+    assert answers[0] == answers[1]
+    from openmedgemma.engine import cli
+
+    parser = __import__("argparse").ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    config = cli._config(parser.parse_args(["ask", "--prompt-lookup", "7", "--prompt-lookup-ngram", "2", "Q?"]))
+    assert (config.prompt_lookup_tokens, config.prompt_lookup_ngram) == (7, 2)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--image", "nowhere/missing.png"], "nowhere/missing.png: file not found"),
         (["--model", "no/such/folder"], "no/such/folder: no such file or folder"),
+        (["--prompt-lookup", "-1"], "prompt_lookup_tokens must be an integer >= 0, got -1"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(chat_dir, extra, message, capsys):

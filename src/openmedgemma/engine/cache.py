@@ -11,6 +11,16 @@ the ring itself (no copy): the slot it overwrites held time step t - ring, alrea
 
 Each step, `begin(...)` decides the key layout and returns the boolean masks (True = attend,
 [B, 1, T, keys]) that describe it; the decoder then calls `update(layer_idx, k, v)` per layer.
+
+Speculative decoding (prompt lookup) feeds a multi-token step after decode steps, `reversible`, and
+then `rollback`s the time steps of its rejected drafts. Global layers only forget them (the slots are
+written again later). Sliding layers must also give back what those steps overwrote in the ring:
+keys of older time steps that later windows still need. `begin(..., reversible=True)` therefore
+saves the ring slots the step will overwrite (at most T <= ring per sliding layer) and `rollback`
+copies the rejected ones back, so the ring is bit for bit what plain decoding leaves. (The other
+way, a ring with slack slots beyond the window, would make every decode step need a window mask
+and change the ring layout the compiled decode step and `SlotCache.load` rely on; a copy of T slots
+per verify step costs far less.)
 """
 
 from __future__ import annotations
@@ -43,6 +53,13 @@ class KVCache:
         self._t0 = self._n = 0
         self._slots: torch.Tensor | None = None  # ring slots a chunk writes after attending; None: decode
         self._decoding = False
+        # decode steps skip the pos / valid bookkeeping (it costs a few us per token): time steps
+        # [_synced, length) were decode steps; a later multi-token step fills their entries in
+        self._synced = 0
+        # a reversible step's overwritten ring contents: layer -> (keys, values) of its slots; ring_pos /
+        # ring_valid of those slots. None: the last step cannot be rolled back.
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._saved_ring: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def nbytes_for(config: GemmaTextConfig, batch: int, capacity: int, dtype: torch.dtype) -> int:
@@ -59,23 +76,30 @@ class KVCache:
     # ------------------------------------------------------------------ steps
 
     def begin(self, q_pos: torch.Tensor, q_valid: torch.Tensor | None = None, q_block: torch.Tensor | None = None,
-              padded: bool = False) -> dict[str, torch.Tensor | None]:
+              padded: bool = False, *, reversible: bool = False) -> dict[str, torch.Tensor | None]:
         """Start a step of T new time steps; return the masks per layer type for its key layout.
 
         q_pos [B, T]: positions; q_valid [B, T]: False at left padding (`padded` must then be True);
         q_block [B, T]: image block ids of the chunk (-1 for text). Image blocks must lie whole in one step.
+        reversible: `rollback` may then take back any tail of this step (T <= ring; see the module doc).
+        After decode steps, a multi-token step assumes they advanced each row's position by one per
+        time step (as generation does), so step s held position q_pos[:, 0] - (length - s).
         """
         b, t = q_pos.shape
         t0 = self.length
         if t0 + t > self.capacity:
             raise ValueError(f"KV cache full: {t0} + {t} time steps > capacity {self.capacity}")
+        if reversible and t > self.ring:
+            raise ValueError(f"a reversible step holds at most the {self.ring} ring slots, got {t} time steps")
         self._t0, self._n = t0, t
         self.length = t0 + t
-        if t == 1 and q_block is None and not padded:
+        self._saved = self._saved_ring = None
+        if t == 1 and q_block is None and not padded and not reversible:
             self._decoding = True
             return self._decode_masks(t0)
-        if self._decoding:
-            raise ValueError("a multi-token step after decode steps is not supported; start a new cache")
+        if self._synced < t0:
+            self._sync_decoded(q_pos[:, :1], t0)
+        self._synced = t0 + t
         if q_valid is None:
             q_valid = torch.ones_like(q_pos, dtype=torch.bool)
         if q_block is None:
@@ -101,9 +125,46 @@ class KVCache:
 
         m = min(t, self.ring)
         self._slots = torch.arange(t0 + t - m, t0 + t, device=q_pos.device) % self.ring
+        if reversible:  # m == t: slot i holds time step t0 + i
+            self._saved = {}
+            self._saved_ring = (self.ring_pos[:, self._slots], self.ring_valid[:, self._slots])
         self.ring_pos[:, self._slots] = q_pos[:, t - m :]
         self.ring_valid[:, self._slots] = q_valid[:, t - m :]
         return {FULL: full, SLIDING: sliding}
+
+    def _sync_decoded(self, first_pos: torch.Tensor, t0: int) -> None:
+        """Fill in pos / valid (and the ring's) for the decode steps [_synced, t0): real tokens at
+        consecutive positions ending just before `first_pos` [B, 1], the next step's first position."""
+        steps = torch.arange(self._synced, t0, device=first_pos.device)
+        pos = first_pos - (t0 - steps)[None]
+        self.pos[:, self._synced : t0] = pos
+        self.valid[:, self._synced : t0] = True
+        tail = max(self._synced, t0 - self.ring) - self._synced  # only the last `ring` steps are in the ring
+        self.ring_pos[:, steps[tail:] % self.ring] = pos[:, tail:]
+        self.ring_valid[:, steps[tail:] % self.ring] = True
+        self._synced = t0
+
+    def rollback(self, length: int) -> None:
+        """Take back time steps [length, self.length) of the last step, which was begun `reversible`:
+        afterwards the cache is what it would be had the step fed only its first `length - t0` tokens."""
+        t0, t = self._t0, self._n
+        if self._saved is None or not t0 <= length <= t0 + t:
+            raise ValueError(f"can only roll back into the last step begun reversible (time steps {t0}..{t0 + t}), "
+                             f"not to {length}")  # fmt: skip
+        keep = length - t0
+        if keep < t:
+            self.pos[:, length : t0 + t] = -1
+            self.valid[:, length : t0 + t] = False
+            slots = self._slots[keep:]
+            for idx, (k, v) in self._saved.items():
+                self.keys[idx].index_copy_(2, slots, k[:, :, keep:])
+                self.values[idx].index_copy_(2, slots, v[:, :, keep:])
+            ring_pos, ring_valid = self._saved_ring
+            self.ring_pos[:, slots] = ring_pos[:, keep:]
+            self.ring_valid[:, slots] = ring_valid[:, keep:]
+        self.length = self._synced = length
+        self._n = keep
+        self._saved = self._saved_ring = None
 
     def _decode_masks(self, t0: int) -> dict[str, torch.Tensor | None]:
         """One real token per row: it may see every filled slot but padding; no mask at all without padding."""
@@ -136,6 +197,8 @@ class KVCache:
         out_k = torch.cat([keys[:, :, :n], k], 2) if n else k
         out_v = torch.cat([values[:, :, :n], v], 2) if n else v
         m = self._slots.numel()
+        if self._saved is not None:  # reversible: keep what the step overwrites
+            self._saved[layer_idx] = (keys.index_select(2, self._slots), values.index_select(2, self._slots))
         keys.index_copy_(2, self._slots, k[:, :, t - m :])
         values.index_copy_(2, self._slots, v[:, :, t - m :])
         return out_k, out_v

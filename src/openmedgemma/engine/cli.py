@@ -75,6 +75,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, metavar="K")
     parser.add_argument("--top-p", type=float, default=None, metavar="P")
     parser.add_argument("--seed", type=int, default=None, metavar="S")
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                        help="greedy only: draft up to N tokens per step from text the prompt or answer already "
+                        "holds and check them in one forward (same answer; faster when the answer copies its "
+                        "input, e.g. rewriting a report; 0 = off, the default)")  # fmt: skip
+    parser.add_argument("--prompt-lookup-ngram", type=int, default=3, metavar="K",
+                        help="longest n-gram matched to find drafts (default 3)")  # fmt: skip
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU; on CPU a bf16 "
                         "checkpoint stays bf16 where the CPU has native bf16 (AMX / AVX-512-BF16), else fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -94,8 +100,8 @@ def run_ask(args) -> int:
     _check_images(args.image)
     _check_slides(args.slide)
     turn = study_turn(args, args.question) if args.dicomweb else _user(args.question, args.image, args)
+    config = _config(args)  # a bad option is reported before the model loads
     engine = _load(args)
-    config = _config(args)
     messages = _system(args) + [turn]
     if args.stream and not args.json:
         result = _print_stream(engine, messages, config)
@@ -112,8 +118,8 @@ def run_ask(args) -> int:
 def run_chat(args) -> int:
     _check_images(args.image)
     _check_slides(args.slide)
-    engine = _load(args)
     config = _config(args)
+    engine = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"openmedgemma chat: {args.model} ({CHAT_HELP})", file=sys.stderr)
@@ -206,7 +212,9 @@ def _config(args):
     from openmedgemma.engine.sampling import GenerationConfig
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, show_thinking=args.show_thinking)  # fmt: skip
+                            top_p=args.top_p, seed=args.seed, show_thinking=args.show_thinking,
+                            prompt_lookup_tokens=args.prompt_lookup,
+                            prompt_lookup_ngram=args.prompt_lookup_ngram)  # fmt: skip
 
 
 def _system(args) -> list[dict]:

@@ -2,6 +2,13 @@
 
 Prompts of different lengths run together left-padded on one time axis: a row's positions count its
 real tokens only and padding keys are masked, so each row gets the tokens it would get alone.
+
+Prompt-lookup decoding (`GenerationConfig.prompt_lookup_tokens`): a step may feed the last token plus
+drafts from `engine.lookup` (T = 1 + drafts tokens, one forward); the drafts equal to the model's own
+greedy choices are kept, with the model's token after them, and the cache rolls back the rest. The
+tokens are those of plain greedy decoding: each is the argmax of the same function of the same
+prefix (the multi-token forward rounds differently from a one-token step, as prefill does, so a
+near-exact tie between two logits could in principle break the other way).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import torch
 
 from openmedgemma.engine.cache import KVCache
 from openmedgemma.engine.fast import FastDecoder
+from openmedgemma.engine.lookup import PromptLookup
+from openmedgemma.engine.quant import Int8Linear
 from openmedgemma.engine.sampling import GenerationConfig, next_tokens
 from openmedgemma.errors import OpenMedGemmaError
 from openmedgemma.model.masks import image_block_ids
@@ -56,6 +65,13 @@ class TokenStream:
     head: hidden [B, H] -> logits [B, V]; the model's tied head by default.
     fast: run the decoder through a `FastDecoder` (the model's forward with the engine's weight layout and
     kernels, engine/fast.py; pass one to reuse it), or False for the model's modules exactly as they are.
+
+    With `config.prompt_lookup_tokens` > 0, greedy and one prompt, decoding is speculative (see the
+    module doc); the tokens accepted in one step are still yielded one per step, and none is computed
+    further once `done` is set. Sampling, batches of several prompts (the drafts of one row could not
+    be accepted apart from the others' on one time axis) and int8-dynamic layers decode plainly.
+    `verify_steps`, `drafted` and `accepted` count the multi-token steps, the draft tokens they checked
+    and those kept.
     """
 
     def __init__(
@@ -93,6 +109,7 @@ class TokenStream:
         self._check_images()
         self.cache: KVCache | None = None
         self.prefill_seconds = self.decode_seconds = 0.0
+        self.verify_steps = self.drafted = self.accepted = 0
 
     def _check_images(self) -> None:
         cfg = self.model.config
@@ -163,19 +180,69 @@ class TokenStream:
         yield token_list
 
         positions = self.positions[:, -1:]
-        for _ in range(config.max_new_tokens - 1):
-            if all(self.done):
-                break
-            positions = positions + 1
-            masks = cache.begin(positions)
-            if self.decoder is not None:
-                hidden = self.decoder.decode(tokens, positions, masks, cache)
+        lookup = self._lookup(token_list)
+        emitted = 1
+        while emitted < config.max_new_tokens and not all(self.done):
+            drafts = []
+            if lookup is not None:  # the step's tokens must fit max_new_tokens and the sliding layers' ring
+                drafts = lookup.draft(min(config.prompt_lookup_tokens, config.max_new_tokens - emitted - 1,
+                                          cache.ring - 1))  # fmt: skip
+            if drafts:
+                new = [[token] for token in self._verify(token_list[0], drafts, positions)]
+                tokens = torch.tensor(new[-1], device=tokens.device)
+                positions = positions + len(new)
             else:
-                hidden = lm(lm.embed(tokens[:, None]), positions, masks, cache)[:, -1]
-            tokens = next_tokens(self.head(hidden), config, generator)
-            token_list = tokens.tolist()
-            self.decode_seconds = time.perf_counter() - t_decode
-            yield token_list
+                positions = positions + 1
+                masks = cache.begin(positions)
+                if self.decoder is not None:
+                    hidden = self.decoder.decode(tokens, positions, masks, cache)
+                else:
+                    hidden = lm(lm.embed(tokens[:, None]), positions, masks, cache)[:, -1]
+                tokens = next_tokens(self.head(hidden), config, generator)
+                new = [tokens.tolist()]
+            for token_list in new:
+                if lookup is not None:
+                    lookup.append(token_list[0])
+                emitted += 1
+                self.decode_seconds = time.perf_counter() - t_decode
+                yield token_list
+                if all(self.done):  # a stop the caller reacted to: the rest of the run is never shown
+                    break
+
+    def _lookup(self, first: list[int]) -> PromptLookup | None:
+        """The draft index over the prompt's text ids and the first token, or None to decode plainly.
+
+        Not with int8-dynamic layers: they quantize their input per tensor, so a row's output depends on
+        the other rows of a multi-token step, and a verify step would not compute decoding's function."""
+        cfg = self.config
+        if cfg.prompt_lookup_tokens < 1 or not cfg.greedy or len(self.done) != 1 or self.cache.ring < 2:
+            return None
+        modules = [self.head, *self.model.language_model.modules()]
+        if any(isinstance(m, Int8Linear) and m.mode == "int8-dynamic" for m in modules):
+            return None
+        ids = self.ids[0][self.valid[0]].tolist()
+        image = self.model.config.image_token_index
+        return PromptLookup(cfg.prompt_lookup_ngram, [None if i == image else i for i in ids] + first)
+
+    def _verify(self, last: int, drafts: list[int], positions: torch.Tensor) -> list[int]:
+        """One forward over [last, *drafts] at the positions after `positions` [1, 1]: the model's greedy
+        tokens up to and including its first disagreement with the drafts (at least one), the cache
+        rolled back to hold `last` and the drafts kept."""
+        lm, cache = self.model.language_model, self.cache
+        ids = torch.tensor([[last, *drafts]], device=positions.device)
+        steps = positions + 1 + torch.arange(ids.shape[1], device=positions.device)
+        masks = cache.begin(steps, reversible=True)
+        decoder = self.decoder if self.decoder is not None else lm  # the generic multi-token forward
+        hidden = decoder(lm.embed(ids), steps, masks, cache)  # [1, T, H]
+        choices = self.head(hidden[0]).argmax(-1).tolist()
+        kept = 0
+        while kept < len(drafts) and drafts[kept] == choices[kept]:
+            kept += 1
+        cache.rollback(cache.length - len(drafts) + kept)
+        self.verify_steps += 1
+        self.drafted += len(drafts)
+        self.accepted += kept
+        return choices[: kept + 1]
 
     def _chunk_features(self, start: int, end: int) -> torch.Tensor | None:
         first, last = self.images_before[:, start].tolist(), self.images_before[:, end].tolist()

@@ -34,7 +34,7 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [N, K] in -127..127, float32 scale [N]) with weight ~= q * scale[:, None]."""
-    w = weight.detach().float().contiguous()  # pack_weights may have left it a transposed view
+    w = weight.detach().float().contiguous()  # relayout_weights may have left it a transposed view
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
