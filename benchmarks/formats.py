@@ -8,8 +8,9 @@ each mode, int4 included where the engine has it): on one random 128-token promp
 against fp32 (max abs error, and relative L2 error), the greedy tokens of 128 new tokens against fp32's
 (share of equal positions, and the first difference), the bytes of the decoder layers' weights (the tied
 head / embedding not included: it is the same table for every format, plus a copy for the quantized head),
-and decode tokens/s through the engine's `TokenStream` (what `Engine` runs: fast decoder, quantized head),
-best of --repeats, with the ratio to fp32 measured in the same run. Prints the CPU (engine/cpu.py) and each
+and decode (and prefill) tokens/s through the engine's `TokenStream` (what `Engine` runs: fast decoder, quantized head),
+best of --repeats (formats timed in turn), with the ratio to fp32 measured in the same run. Last row: the whole model in bf16
+(`from_pretrained(..., dtype=torch.bfloat16)`: activations, cache and head in bf16 too). Prints the CPU (engine/cpu.py) and each
 format's kernel choice.
 """
 
@@ -35,6 +36,9 @@ from openmedgemma.bundled import nano_path  # noqa: E402
 from openmedgemma.engine import GenerationConfig, TokenStream, cpu, quantize  # noqa: E402
 from openmedgemma.engine.engine import kernel_notice  # noqa: E402
 from openmedgemma.engine.quant import MODES, quantized_head  # noqa: E402
+
+
+WHOLE_BF16 = "model in bf16"
 
 
 def load(name: str, folder: Path):
@@ -69,22 +73,30 @@ def decoder_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()])
 
 
-def run_format(model, mode: str | None, ids: list[int], new: int, repeats: int) -> dict:
-    """Quantize a copy of `model`; its last-position logits, greedy tokens, bytes and best decode tokens/s."""
+def prepare(model, mode: str | None, ids: list[int]) -> dict:
+    """A copy of `model` in this format, its quantized head, last-position logits, bytes and kernel choice."""
     model = copy.deepcopy(model)
     head = None
-    if mode:
+    if mode == WHOLE_BF16:  # the whole model in bf16 (activations too), as `--dtype bfloat16` loads it
+        model = model.to(torch.bfloat16)
+    elif mode:
         quantize(model, mode)
         head = quantized_head(model, mode)
     with torch.no_grad():
         logits = (head or model.logits)(model.hidden_states(torch.tensor([ids]))[:, -1])[0].float()
-    best, tokens = 0.0, []
-    for _ in range(repeats):
-        stream = TokenStream(model, [ids], [None], GenerationConfig(max_new_tokens=new), head=head, fast=True)
-        tokens = [t[0] for t in stream]
-        best = max(best, (new - 1) / stream.decode_seconds)
-    notice = kernel_notice(model, mode, head).split(": ", 1)[1].split("; CPU ")[0] if mode else "BLAS (MKL)"
-    return dict(logits=logits, tokens=tokens, bytes=decoder_bytes(model), tok_s=best, kernel=notice)
+    kernel = "torch's bf16 ops (oneDNN)" if mode == WHOLE_BF16 else "BLAS (MKL)"
+    if mode and mode != WHOLE_BF16:
+        kernel = kernel_notice(model, mode, head).split(": ", 1)[1].split("; CPU ")[0]
+    return dict(model=model, head=head, logits=logits, bytes=decoder_bytes(model), kernel=kernel, tok_s=0.0)
+
+
+def decode(entry: dict, ids: list[int], new: int) -> None:
+    """One greedy generation through TokenStream: keeps its tokens and the best decode tokens/s so far."""
+    stream = TokenStream(entry["model"], [ids], [None], GenerationConfig(max_new_tokens=new), head=entry["head"],
+                         fast=True)  # fmt: skip
+    entry["tokens"] = [t[0] for t in stream]
+    entry["tok_s"] = max(entry["tok_s"], (new - 1) / stream.decode_seconds)
+    entry["prefill_tok_s"] = max(entry.get("prefill_tok_s", 0.0), len(ids) / stream.prefill_seconds)
 
 
 def main() -> None:
@@ -93,24 +105,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of: " + ", ".join(MODES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
           f"{args.threads} thread(s); load average {Path('/proc/loadavg').read_text().split()[:3]}")  # fmt: skip
     print(f"CPU {cpu.detect().describe()}")
-    modes = [None, *args.modes.split(",")]
+    modes = [None, *args.modes.split(","), WHOLE_BF16]
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as folder:
             model = load(name, Path(folder))
             ids = prompt_ids(name, model, args.prompt)
-            results = {mode: run_format(model, mode, ids, args.new, args.repeats) for mode in modes}
+            results = {mode: prepare(model, mode, ids) for mode in modes}
+        for _ in range(args.repeats):  # formats in turn, so a burst of load elsewhere does not hit one alone
+            for entry in results.values():
+                decode(entry, ids, args.new)
         ref = results[None]
         params = sum(p.numel() for p in model.language_model.parameters()) / 1e6
         print(f"\n-- {name} ({params:.1f}M params), prompt {args.prompt}, {args.new} new tokens, greedy")
         print(f"{'format':<14}{'max abs err':>12}{'rel L2 err':>11}{'greedy same':>13}{'first diff':>11}"
-              f"{'decoder MB':>11}{'x fp32':>7}{'decode tok/s':>13}{'x fp32':>7}")  # fmt: skip
+              f"{'decoder MB':>11}{'x fp32':>7}{'decode tok/s':>13}{'x fp32':>7}{'prefill tok/s':>14}{'x fp32':>7}")  # fmt: skip
         for mode, r in results.items():
             err = (r["logits"] - ref["logits"]).abs().max().item()
             rel = ((r["logits"] - ref["logits"]).norm() / ref["logits"].norm()).item()
@@ -118,7 +133,8 @@ def main() -> None:
             first = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref["tokens"])) if a != b), args.new)
             print(f"{mode or 'fp32':<14}{err:>12.2e}{rel:>11.2e}{f'{same}/{args.new}':>13}{first:>11}"
                   f"{r['bytes'] / 1e6:>11.1f}{r['bytes'] / ref['bytes']:>7.2f}{r['tok_s']:>13.1f}"
-                  f"{r['tok_s'] / ref['tok_s']:>7.2f}")  # fmt: skip
+                  f"{r['tok_s'] / ref['tok_s']:>7.2f}{r['prefill_tok_s']:>14.0f}"
+                  f"{r['prefill_tok_s'] / ref['prefill_tok_s']:>7.2f}")  # fmt: skip
         print("kernels: " + "; ".join(f"{mode}: {r['kernel']}" for mode, r in results.items() if mode))
         distinct = len(set(ref["tokens"]))
         print(f"fp32 greedy continuation: {distinct} distinct tokens of {args.new}")
