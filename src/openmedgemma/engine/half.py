@@ -6,13 +6,15 @@ overflows above 65504, which is refused at load. The kernels, chosen per CPU (`e
 recorded in each layer's `kernel`, from measurements in benchmarks/RESULTS.md ("Weight formats on CPU"):
   - decode (at most DECODE_MAX_ROWS rows): the engine's `half_gemv` (`engine/half_gemv.cpp`), which widens
     each weight to fp32 in registers and streams the 16-bit weights at close to the memory bandwidth
-    (2.4-5x fp32 BLAS per matrix). Its AVX-512 variant where the CPU has AVX-512F/BW, else AVX2.
+    (1.7-5x faster than fp32 BLAS per matrix). Its AVX-512 variant where the CPU has AVX-512F/BW, else AVX2.
     Decode is bound by the bytes streamed; oneDNN's 1-row bf16 linear (torch's bf16 F.linear) measured
-    0.65-1.04x fp32 on an AVX-512-BF16 EPYC, so ours is used on native-bf16 CPUs too.
+    0.87-1.43x fp32 on an AVX-512-BF16 EPYC, ours 1.7-5x, so ours is used on native-bf16 CPUs too.
+    The AVX-512 and AVX2 variants measured within noise of each other there (both at the memory bandwidth).
   - prefill (more rows): where the CPU multiplies bf16 natively (AVX-512-BF16 or AMX-BF16) and the mode is
     bf16, one bf16 GEMM (oneDNN; the activations are rounded to bf16 too, inputs of the matmul only,
-    accumulation in fp32), 1.3-2.6x faster than fp32 BLAS there; elsewhere (no native bf16, or fp16) the
-    weight is widened to fp32 in one pass and multiplied by BLAS, as int8's prefill does.
+    accumulation in fp32), 1.1-2.3x faster than fp32 BLAS there (widening, then BLAS: 0.54-0.86x); elsewhere
+    (no native bf16, or fp16) the weight is widened to fp32 in one pass and multiplied by BLAS, as int8's
+    prefill does (so prefill is a little slower than fp32 there: the price of half the bytes).
   - off the CPU, or where the native library cannot be built: the weight converted to x's dtype, F.linear.
 Weights are held, on CPU with the kernel, in blocks of 32 output channels (`native.pack_blocks`).
 """

@@ -104,7 +104,7 @@ def _int8_kernel(mode: str, on_cpu: bool, blocked: bool) -> str:
     """What runs an Int8Linear, and why (shown once by the Engine).
 
     Our kernel is chosen on every CPU that can build it: torch's `_weight_int8pack_mm`, vectorised for AVX-512
-    only, measured 15-20x slower than ours for 1-row decode on an AVX-512 EPYC too (benchmarks/RESULTS.md,
+    only, measured 14-22x slower than ours for 1-row decode on an AVX-512 EPYC too (benchmarks/RESULTS.md,
     "Weight formats on CPU"), so AVX-512 is no reason to prefer it.
     """
     if mode == "int8-dynamic":
