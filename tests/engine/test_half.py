@@ -63,6 +63,15 @@ def test_the_variants_agree_and_threads_do_not_change_the_result(kernel):
     torch.testing.assert_close(one[0], one[-1], atol=1e-4, rtol=1e-5)  # same sums, another order
 
 
+def test_op_is_a_well_formed_torch_op_and_compiles_without_graph_breaks(kernel):
+    args = (torch.randn(2, 10), native.pack_blocks(torch.randn(40, 10).half()), 40, ISAS[-1])
+    torch.library.opcheck(torch.ops.openmedgemma.half_gemv.default, args)  # schema, fake tensor, dispatch
+    layer = half.HalfLinear(torch.randn(40, 10), "bf16")
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
+    x = torch.randn(1, 10)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
 def test_kernel_refuses_bad_arguments(kernel):
     w = native.pack_blocks(torch.randn(40, 8).bfloat16())
     with pytest.raises(RuntimeError, match="isa must be 'avx2' or 'avx512'"):
