@@ -145,9 +145,14 @@ def test_tiny_model_logits_close_to_fp32(ours_text, mode):
     assert 0 < rel < LOGITS_REL[mode]
 
 
+@pytest.fixture(scope="module")
+def nano():
+    return MedGemma.from_pretrained(nano_path("medgemma"))
+
+
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
-def test_nano_model_logits_close_to_fp32(mode):
-    model = MedGemma.from_pretrained(nano_path("medgemma"))
+def test_nano_model_logits_close_to_fp32(nano, mode):
+    model = nano
     cfg = model.config
     special = {cfg.image_token_index, cfg.boi_token_index, cfg.eoi_token_index}
     gen = torch.Generator().manual_seed(1)
