@@ -169,3 +169,17 @@ def test_ask_about_a_dicom_file(chat_dir, shared_data, capsys):
     dicom = next((shared_data / "dicom").rglob("*.dcm"))
     assert main(["ask", "--model", str(chat_dir), "--image", str(dicom), "--max-new-tokens", "4", "--json", "Q?"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt_tokens"] > 16  # the image's soft tokens are in the prompt
+
+
+def test_ask_quantize_takes_every_mode_and_names_them_on_a_bad_one(chat_dir, capsys):
+    from openmedgemma.engine.quant import MODES
+
+    argv = ["ask", "--model", str(chat_dir), "--max-new-tokens", "3", "--quantize", "bf16", "Q?"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("openmedgemma: bf16 weights") == 1 and "decode:" in err
+    assert main(["ask", "--model", str(chat_dir), "--quantize", "q3", "Q?"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--quantize q3: unknown weight format; use one of {', '.join(MODES)}" in err
+    assert main(["ask", "--model", str(chat_dir), "--int8", "--quantize", "fp16", "Q?"]) == 2
+    assert "--int8 and --quantize fp16 disagree" in capsys.readouterr().err

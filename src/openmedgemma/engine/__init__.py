@@ -1,4 +1,4 @@
-"""openmedgemma.engine: generation for MedGemma (KV cache, batching, streaming, int8) and the ask/chat CLI.
+"""openmedgemma.engine: generation for MedGemma (KV cache, batching, streaming, int8 / bf16 / fp16 weights) and the ask/chat CLI.
 
     from openmedgemma.engine import Engine, GenerationConfig
     engine = Engine.from_pretrained("path/to/medgemma-4b-it")
@@ -27,6 +27,7 @@ _EXPORTS = {
     "KVCache": "openmedgemma.engine.cache",
     "FastDecoder": "openmedgemma.engine.fast",
     "Int8Linear": "openmedgemma.engine.quant",
+    "HalfLinear": "openmedgemma.engine.half",
     "quantize": "openmedgemma.engine.quant",
 }
 

@@ -16,6 +16,12 @@ from pathlib import Path
 from openmedgemma.errors import ImageError, OpenMedGemmaError
 from openmedgemma.imaging.pacs_cli import add_dicomweb_arguments, study_turn
 
+# The modes themselves are read from engine.quant.MODES when the model loads (that module imports torch).
+QUANTIZE_HELP = ("decoder weight format: int8 (weight-only: a quarter of fp32's bytes, ~2x faster decode on x86 "
+                 "CPUs with AVX2), int8-dynamic (CPU: int8 activations too, faster prefill), bf16 / fp16 (half the "
+                 "bytes, closer to fp32), and any other of engine.quant.MODES; the engine says on stderr which "
+                 "kernels it picked for this CPU. CPU kernels are built once, on first use, with the system C++ "
+                 "compiler")  # fmt: skip
 CHAT_HELP = "commands: /image FILE (attach to your next message), /reset (forget the conversation), /quit"
 VOLUME_INSTRUCTION = ("The images below are the slices of one volume, in order along the patient axis, each "
                       "followed by its label SLICE n. Review them carefully.")  # fmt: skip
@@ -84,12 +90,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU; on CPU a bf16 "
                         "checkpoint stays bf16 where the CPU has native bf16 (AMX / AVX-512-BF16), else fp32)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--int8", action="store_true",
-                        help="int8 weight-only decoder: a quarter of the weight memory; on x86 CPUs with AVX2 also "
-                        "~2x faster decode (its kernel is built once, on first use, with the system C++ compiler)")
-    parser.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
-                        help="int8 (weight-only, as --int8) or int8-dynamic (CPU only: int8 activations too; "
-                        "faster prefill, slower decode than int8, a little lossier)")  # fmt: skip
+    parser.add_argument("--int8", action="store_true", help="as --quantize int8")
+    parser.add_argument("--quantize", metavar="MODE", default=None, help=QUANTIZE_HELP)
     parser.add_argument("--show-thinking", action="store_true", help="also print the model's thinking block")
 
 
@@ -204,8 +206,20 @@ def _load(args):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = choose_dtype(args.model, args.dtype, device)  # refuses an upcast that cannot fit in memory
-    quantize = args.quantize or ("int8" if args.int8 else None)
+    quantize = quantize_mode(args)
     return Engine.from_pretrained(args.model, dtype=dtype, device=device, quantize=quantize)
+
+
+def quantize_mode(args) -> str | None:
+    """--quantize MODE (or --int8), checked against engine.quant.MODES before the model loads."""
+    from openmedgemma.engine.quant import MODES
+
+    if args.quantize and args.int8 and args.quantize != "int8":
+        raise OpenMedGemmaError(f"--int8 and --quantize {args.quantize} disagree; give one of them")
+    mode = args.quantize or ("int8" if args.int8 else None)
+    if mode is not None and mode not in MODES:
+        raise OpenMedGemmaError(f"--quantize {mode}: unknown weight format; use one of {', '.join(MODES)}")
+    return mode
 
 
 def _config(args):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Generator, Mapping, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from openmedgemma.engine.cpu import detect as detect_cpu
 from openmedgemma.engine.fast import FastDecoder
 from openmedgemma.engine.generate import DEFAULT_PREFILL_CHUNK, VISION_BATCH, TokenStream, iter_image_features
 from openmedgemma.engine.quant import quantize as quantize_model
@@ -136,6 +138,15 @@ class _RowText:
         return self.view(text)
 
 
+def kernel_notice(model, mode: str, head=None) -> str:
+    """One line: the weight format, the kernels its layers picked (their `kernel`) and the CPU behind the choice."""
+    layers = [m for m in model.language_model.layers.modules() if hasattr(m, "kernel")] + ([head] if head else [])
+    kernels = list(dict.fromkeys(m.kernel for m in layers))  # distinct, in order
+    on_cpu = model.language_model.embed_tokens.weight.device.type == "cpu"
+    where = f"; CPU {detect_cpu().describe()}" if on_cpu else ""
+    return f"openmedgemma: {mode} weights, {len(layers)} layers: {' | '.join(kernels)}{where}"
+
+
 class Engine:
     """Generate answers to chat messages with a MedGemma model and its tokenizer.
 
@@ -143,7 +154,9 @@ class Engine:
         [result] = engine.generate([[{"role": "user", "content": "Hi"}]], GenerationConfig(max_new_tokens=64))
         for delta in engine.stream(messages): print(delta, end="")
 
-    quantize: None, "int8" (weight-only) or "int8-dynamic" (CPU), applied to `model` in place.
+    quantize: None or a weight format of `engine.quant.MODES` ("int8" weight-only, "int8-dynamic" (CPU), "bf16" and
+    "fp16" weight-only, ...), applied to `model` in place; one line on stderr says which kernels were chosen
+    for this CPU and why.
     max_batch_size: conversations generated together (sorted by length, so padding stays small).
     prefill_chunk: prompt tokens per prefill step (bounds activation memory for long prompts).
     compile: run decode steps through `torch.compile` (opt-in: the first step compiles, tens of seconds
@@ -196,6 +209,7 @@ class Engine:
         if quantize:
             quantize_model(model, quantize)
             self.head = quantized_head(model, quantize)
+            print(kernel_notice(model, quantize, self.head), file=sys.stderr)
         if compile and not fast:
             raise OpenMedGemmaError("compile=True compiles the fast decoder; it needs fast=True")
         self.decoder = FastDecoder(model.language_model, compile=compile, prepack=prepack_weights,

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openmedgemma.engine import native
+from openmedgemma.engine import cpu, native
+from openmedgemma.engine.half import HalfLinear
 from openmedgemma.errors import OpenMedGemmaError
 
 # mode -> the layer class that replaces an nn.Linear: cls(weight, mode). Each weight format lives in its own
@@ -58,6 +59,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", (native.pack_blocks(q) if blocked else q).to(weight.device))
         self.register_buffer("scale", scale.to(device=weight.device, dtype=weight.dtype))
         self._packed = _fbgemm_pack(q, scale, weight.device) if mode == "int8-dynamic" else None
+        self.kernel = _int8_kernel(mode, weight.device.type == "cpu", blocked)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
@@ -94,7 +96,26 @@ class Int8Linear(nn.Module):
 
 
 LAYERS.update({"int8": Int8Linear, "int8-dynamic": Int8Linear})
+LAYERS.update(bf16=HalfLinear, fp16=HalfLinear)
 MODES = tuple(LAYERS)
+
+
+def _int8_kernel(mode: str, on_cpu: bool, blocked: bool) -> str:
+    """What runs an Int8Linear, and why (shown once by the Engine).
+
+    Our kernel is chosen on every CPU that can build it: torch's `_weight_int8pack_mm`, vectorised for AVX-512
+    only, measured 14-22x slower than ours for 1-row decode on an AVX-512 EPYC too (benchmarks/RESULTS.md,
+    "Weight formats on CPU"), so AVX-512 is no reason to prefer it.
+    """
+    if mode == "int8-dynamic":
+        return "fbgemm's dynamic int8 linear (activations quantized to int8 per call)"
+    if not on_cpu:
+        return "dequantize, then the device's matmul"
+    prefill = f"prefill (> {FUSED_MAX_ROWS} rows): dequantize + BLAS"
+    if blocked:
+        info = cpu.detect()
+        return f"decode: int8_gemv (ours; faster than torch's _weight_int8pack_mm, {info.why('avx512')}); {prefill}"
+    return f"decode: torch's _weight_int8pack_mm (our kernel could not be built); {prefill}"
 
 
 def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, device: torch.device):
@@ -113,7 +134,7 @@ def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, device: torch.device):
 
 
 def quantize(model, mode: str = "int8") -> None:
-    """Replace the decoder's linear layers of a MedGemma by Int8Linear, in place (vision tower untouched)."""
+    """Replace the decoder's linear layers of a MedGemma by `LAYERS[mode]`, in place (vision tower untouched)."""
     if mode not in MODES:
         raise OpenMedGemmaError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
     from openmedgemma.engine.fast import remove_kernels

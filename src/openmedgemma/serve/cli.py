@@ -45,7 +45,9 @@ def register(subparsers) -> None:
     serve.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (as `ask`: bf16 on GPU; on CPU a bf16 "
                        "checkpoint stays bf16 where the CPU has native bf16, else float32)")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    serve.add_argument("--int8", action="store_true", help="int8 weight-only decoder (as `ask --int8`)")
+    serve.add_argument("--int8", action="store_true", help="as --quantize int8")
+    serve.add_argument("--quantize", metavar="MODE", default=None, help="decoder weight format, as `ask --quantize`: "
+                       "int8, int8-dynamic, bf16, fp16 or any other of engine.quant.MODES")  # fmt: skip
     serve.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=True,
                        help="CPU fp32: keep a second copy of the decoder's linear weights in oneDNN's layout, so that "
                        "batched decode steps cost little more than one row (default on when it fits in half the free "
@@ -63,9 +65,11 @@ def register(subparsers) -> None:
 def run_serve(args) -> int:
     import uvicorn
 
+    from openmedgemma.engine.cli import quantize_mode
     from openmedgemma.serve.app import ServerConfig, ServerState, create_app
 
     _check_host(args.host, args.api_key)
+    quantize_mode(args)  # an unknown --quantize fails now, not in the loader thread
     # request ids, sizes and timings; never prompt text or pixels (uvicorn's access log only at debug)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     config = ServerConfig(api_key=args.api_key or None, max_body_bytes=args.max_body_mb << 20,
@@ -103,12 +107,13 @@ def load(state, args) -> None:
     from openmedgemma.tokenizer import Tokenizer
     from openmedgemma.serve.app import ServedModel
 
+    from openmedgemma.engine.cli import quantize_mode
     from openmedgemma.engine.dtype import choose_dtype
 
     device = _device(args.device)
     chat_path = model_or_nano(args.model, "medgemma", "openmedgemma serve")
     embed_path = args.embedding_model or (None if args.model else nano_path("medsiglip"))
-    quantize = "int8" if args.int8 else None
+    quantize = quantize_mode(args)  # checked before the model loads
     dtype = choose_dtype(chat_path, args.dtype, device)  # as `ask`: refuses an upcast that cannot fit
     model = MedGemma.from_pretrained(chat_path, dtype=dtype, device=device)
     prepack = args.prepack_weights and not quantize and _fits_twice(model)

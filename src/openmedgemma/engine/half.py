@@ -1,0 +1,126 @@
+"""16-bit decoder weights (bf16 or fp16), weight-only: half the bytes of fp32, activations stay in the model dtype.
+
+`quantize(model, "bf16")` / `quantize(model, "fp16")` replace the decoder's linear layers by `HalfLinear`.
+bf16 keeps fp32's range with 8 bits of mantissa (relative rounding 2^-9); fp16 has 11 bits (2^-12) but
+overflows above 65504, which is refused at load. The kernels, chosen per CPU (`engine/cpu.py`) and
+recorded in each layer's `kernel`, from measurements in benchmarks/RESULTS.md ("Weight formats on CPU"):
+  - decode (at most DECODE_MAX_ROWS rows): the engine's `half_gemv` (`engine/half_gemv.cpp`), which widens
+    each weight to fp32 in registers and streams the 16-bit weights at close to the memory bandwidth
+    (1.7-5x faster than fp32 BLAS per matrix). Its AVX-512 variant where the CPU has AVX-512F/BW, else AVX2.
+    Decode is bound by the bytes streamed; oneDNN's 1-row bf16 linear (torch's bf16 F.linear) measured
+    0.87-1.43x fp32 on an AVX-512-BF16 EPYC, ours 1.7-5x, so ours is used on native-bf16 CPUs too.
+    The AVX-512 and AVX2 variants measured within noise of each other there (both at the memory bandwidth).
+  - prefill (more rows): where the CPU multiplies bf16 natively (AVX-512-BF16 or AMX-BF16) and the mode is
+    bf16, one bf16 GEMM (oneDNN; the activations are rounded to bf16 too, inputs of the matmul only,
+    accumulation in fp32), 1.1-2.3x faster than fp32 BLAS there (widening, then BLAS: 0.54-0.86x); elsewhere
+    (no native bf16, or fp16) the weight is widened to fp32 in one pass and multiplied by BLAS, as int8's
+    prefill does (so prefill is a little slower than fp32 there: the price of half the bytes).
+  - off the CPU, or where the native library cannot be built: the weight converted to x's dtype, F.linear.
+Weights are held, on CPU with the kernel, in blocks of 32 output channels (`native.pack_blocks`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openmedgemma.engine import cpu, native
+from openmedgemma.errors import OpenMedGemmaError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Above this many rows (prefill), one GEMM beats the matrix-vector kernel (which re-reads x per block).
+DECODE_MAX_ROWS = 8
+FP16_MAX = 65504.0
+
+
+def half_gemv(x: torch.Tensor, blocks: torch.Tensor, n: int, isa: str) -> torch.Tensor:
+    """fp32 x [M, K] times 16-bit blocks [ceil(N / 32), K, 32] -> fp32 [M, N]; isa "avx2" or "avx512"."""
+    return torch.ops.openmedgemma.half_gemv(x, blocks, n, isa)
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """The native library (all of `native.SOURCES`) loads here; registers the fake for torch.compile once."""
+    if not native.int8_gemv_available():  # loads the whole library, half_gemv included
+        return False
+    torch.library.register_fake("openmedgemma::half_gemv")(lambda x, w, n, isa: x.new_empty((x.shape[0], n)))
+    return True
+
+
+def decode_isa(info: cpu.CPU) -> str:
+    """The half_gemv variant for this CPU: AVX-512 (16 fp32 per register) where it has AVX-512F/BW."""
+    return "avx512" if info.has("avx512") else "avx2"
+
+
+def prefill_uses_bf16_gemm(mode: str, info: cpu.CPU) -> bool:
+    """bf16 GEMM for prefill only where bf16 is multiplied in hardware; emulated bf16 is slower than fp32 BLAS."""
+    return mode == "bf16" and info.native_bf16
+
+
+class HalfLinear(nn.Module):
+    """A bias-free linear layer holding bf16 or fp16 weights; `kernel` says which kernels run it and why.
+
+    `weight_half` is [out, in], or on CPU with the native kernel its blocks [ceil(out / 32), in, 32].
+    """
+
+    def __init__(self, weight: torch.Tensor, mode: str = "bf16"):
+        super().__init__()
+        if mode not in DTYPES:
+            raise OpenMedGemmaError(f"unknown 16-bit mode {mode!r}; use {' or '.join(DTYPES)}")
+        w = weight.detach()
+        if mode == "fp16" and w.is_floating_point() and float(w.abs().max()) > FP16_MAX:
+            raise OpenMedGemmaError(f"fp16 cannot hold this weight ({list(w.shape)}): its largest magnitude "
+                                    f"{float(w.abs().max()):.4g} is above fp16's {FP16_MAX:g}; use bf16")  # fmt: skip
+        self.mode = mode
+        self.out_features, self.in_features = w.shape
+        on_cpu = w.device.type == "cpu"
+        info = cpu.detect()
+        half = w.to(DTYPES[mode]).contiguous()  # pack_weights may have left it a transposed view
+        blocked = on_cpu and kernel_available()
+        self.register_buffer("weight_half", native.pack_blocks(half) if blocked else half)
+        self.isa = decode_isa(info) if blocked else None
+        self.bf16_gemm = on_cpu and prefill_uses_bf16_gemm(mode, info)
+        self.kernel = self._describe(on_cpu, info)
+
+    def _describe(self, on_cpu: bool, info: cpu.CPU) -> str:
+        if not on_cpu:
+            return f"{self.mode} weights converted to the activations' dtype, then the device's matmul"
+        if self.isa:
+            decode = f"decode: half_gemv {self.isa} (ours, widens to fp32 in registers; {info.why('avx512')})"
+        else:
+            decode = "decode: weights converted to fp32 per call (the native kernel could not be built)"
+        if self.bf16_gemm:
+            prefill = f"prefill: bf16 GEMM, oneDNN ({info.why('avx512_bf16', 'amx_bf16')})"
+        else:
+            why = "fp16 weights" if self.mode == "fp16" else info.why("avx512_bf16", "amx_bf16")
+            prefill = f"prefill: widen to fp32 + BLAS ({why})"
+        return f"{decode}; {prefill}"
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+    def half_rows(self) -> torch.Tensor:
+        """The 16-bit weight as [out, in] (a copy if held in blocks)."""
+        w = self.weight_half
+        return w if w.dim() == 2 else native.unpack_blocks(w, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.isa and x2.shape[0] <= DECODE_MAX_ROWS:
+            y = half_gemv(x2.float().contiguous(), self.weight_half, self.out_features, self.isa).to(x.dtype)
+        else:
+            y = self.dense_matmul(x2, torch.bfloat16 if self.bf16_gemm else x.dtype).to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def dense_matmul(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x times the weight, both in `dtype` (the weight converted and, from blocks, re-laid out in one pass)."""
+        w = self.weight_half
+        if w.dim() == 2:
+            return F.linear(x.to(dtype), w.to(dtype))
+        k = w.shape[1]  # blocks [B, K, 32] -> [K, B * 32]: the layout BLAS / oneDNN read fastest for x @ w
+        dense = torch.empty(k, w.shape[0], w.shape[2], dtype=dtype, device=x.device).copy_(w.permute(1, 0, 2))
+        return (x.to(dtype) @ dense.view(k, -1))[:, : self.out_features]

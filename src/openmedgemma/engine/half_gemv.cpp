@@ -1,0 +1,151 @@
+// 16-bit (bf16 or fp16) weight-only matrix-vector products for CPU decode, built once by engine/native.py.
+//
+//   y[m, n] = sum_k x[m, k] * w[n, k]      x: fp32 [M, K], w: bf16 or fp16, converted to fp32 on the fly
+//
+// Decode streams every weight once per token, so its time is the weight bytes: 16-bit reads half of fp32.
+// Each weight is widened to fp32 in registers (bf16: the top half of an fp32, a 16-bit shift; fp16: F16C's
+// vcvtph2ps) and multiplied with FMA in fp32, so the only rounding beyond fp32's is the weight's own.
+//
+// Layout as int8_gemv.cpp: w is [ceil(N / 32), K, 32] (engine/native.py `pack_blocks`): per block of 32
+// output channels the 32 weights of input k are adjacent, one contiguous stream per block, x[k] broadcast,
+// no horizontal sum. Rows past N are zero. Each output is two fp32 partial sums (even and odd k) added at
+// the end.
+//
+// Two variants of the inner loop: AVX2 (the library is compiled for AVX2 + FMA + F16C, so it loads on any
+// such CPU) and AVX-512 (compiled for it by a function target attribute, run only when the caller asks and
+// the CPU has it: `isa` is chosen in engine/half.py from engine/cpu.py's detection).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// ------------------------------------------------------------------ AVX2: 8 fp32 per register
+
+template <bool kBf16>
+inline __m256 load8(const uint16_t* p) {  // 8 16-bit weights -> 8 fp32
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (kBf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  else return _mm256_cvtph_ps(h);
+}
+
+template <bool kBf16>
+void block_dot_avx2(const float* x, const uint16_t* w, int64_t K, float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2, w += 2 * kBlock) {  // two k per step: 8 independent FMA chains
+    const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+    a0 = _mm256_fmadd_ps(x0, load8<kBf16>(w), a0);
+    a1 = _mm256_fmadd_ps(x0, load8<kBf16>(w + 8), a1);
+    a2 = _mm256_fmadd_ps(x0, load8<kBf16>(w + 16), a2);
+    a3 = _mm256_fmadd_ps(x0, load8<kBf16>(w + 24), a3);
+    b0 = _mm256_fmadd_ps(x1, load8<kBf16>(w + 32), b0);
+    b1 = _mm256_fmadd_ps(x1, load8<kBf16>(w + 40), b1);
+    b2 = _mm256_fmadd_ps(x1, load8<kBf16>(w + 48), b2);
+    b3 = _mm256_fmadd_ps(x1, load8<kBf16>(w + 56), b3);
+  }
+  if (k < K) {
+    const __m256 x0 = _mm256_broadcast_ss(x + k);
+    a0 = _mm256_fmadd_ps(x0, load8<kBf16>(w), a0);
+    a1 = _mm256_fmadd_ps(x0, load8<kBf16>(w + 8), a1);
+    a2 = _mm256_fmadd_ps(x0, load8<kBf16>(w + 16), a2);
+    a3 = _mm256_fmadd_ps(x0, load8<kBf16>(w + 24), a3);
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(a0, b0));
+  _mm256_storeu_ps(out + 8, _mm256_add_ps(a1, b1));
+  _mm256_storeu_ps(out + 16, _mm256_add_ps(a2, b2));
+  _mm256_storeu_ps(out + 24, _mm256_add_ps(a3, b3));
+}
+
+// ------------------------------------------------------------------ AVX-512: 16 fp32 per register
+
+#define OMG_AVX512 __attribute__((target("avx512f,avx512bw")))
+
+template <bool kBf16>
+OMG_AVX512 inline __m512 load16(const uint16_t* p) {  // 16 16-bit weights -> 16 fp32
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (kBf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else return _mm512_cvtph_ps(h);
+}
+
+template <bool kBf16>
+OMG_AVX512 void block_dot_avx512(const float* x, const uint16_t* w, int64_t K, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4, w += 4 * kBlock) {  // four k per step: 8 independent FMA chains
+    const __m512 x0 = _mm512_set1_ps(x[k]), x1 = _mm512_set1_ps(x[k + 1]);
+    const __m512 x2 = _mm512_set1_ps(x[k + 2]), x3 = _mm512_set1_ps(x[k + 3]);
+    a0 = _mm512_fmadd_ps(x0, load16<kBf16>(w), a0);
+    a1 = _mm512_fmadd_ps(x0, load16<kBf16>(w + 16), a1);
+    b0 = _mm512_fmadd_ps(x1, load16<kBf16>(w + 32), b0);
+    b1 = _mm512_fmadd_ps(x1, load16<kBf16>(w + 48), b1);
+    c0 = _mm512_fmadd_ps(x2, load16<kBf16>(w + 64), c0);
+    c1 = _mm512_fmadd_ps(x2, load16<kBf16>(w + 80), c1);
+    d0 = _mm512_fmadd_ps(x3, load16<kBf16>(w + 96), d0);
+    d1 = _mm512_fmadd_ps(x3, load16<kBf16>(w + 112), d1);
+  }
+  for (; k < K; ++k, w += kBlock) {
+    const __m512 x0 = _mm512_set1_ps(x[k]);
+    a0 = _mm512_fmadd_ps(x0, load16<kBf16>(w), a0);
+    a1 = _mm512_fmadd_ps(x0, load16<kBf16>(w + 16), a1);
+  }
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(c0, d0)));
+  _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_add_ps(a1, b1), _mm512_add_ps(c1, d1)));
+}
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+// ------------------------------------------------------------------ the op
+
+using BlockDot = void (*)(const float*, const uint16_t*, int64_t, float*);
+
+at::Tensor half_gemv(const at::Tensor& x, const at::Tensor& w, int64_t n, c10::string_view isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
+              "half_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(w.dim() == 3 && (bf16 || w.scalar_type() == at::kHalf) && w.is_contiguous() && w.size(2) == kBlock,
+              "half_gemv: w must be contiguous bfloat16 or float16 blocks [ceil(N / 32), K, 32]");
+  TORCH_CHECK(w.size(1) == x.size(1), "half_gemv: x has ", x.size(1), " columns but w has K = ", w.size(1));
+  TORCH_CHECK(w.size(0) == (n + kBlock - 1) / kBlock, "half_gemv: ", w.size(0), " blocks cannot hold N = ", n);
+  const bool wide = isa == "avx512";
+  TORCH_CHECK(wide || isa == "avx2", "half_gemv: isa must be 'avx2' or 'avx512', got '", std::string(isa), "'");
+  TORCH_CHECK(!wide || cpu_has_avx512(), "half_gemv: isa 'avx512' asked for on a CPU without AVX-512F/BW");
+  BlockDot dot = wide ? (bf16 ? &block_dot_avx512<true> : &block_dot_avx512<false>)
+                      : (bf16 ? &block_dot_avx2<true> : &block_dot_avx2<false>);
+  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
+  at::Tensor y = at::empty({M, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  // Tasks of at least ~64 KB of weights, so a thread's share outweighs waking it.
+  const int64_t grain = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, K * kBlock));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float sums[kBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kBlock, width = std::min(kBlock, n - n0);
+      for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
+        dot(xp + m * K, wp + b * K * kBlock, K, sums);
+        std::copy(sums, sums + width, yp + m * n + n0);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(openmedgemma, m) {
+  m.def("half_gemv(Tensor x, Tensor w, int n, str isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(openmedgemma, CPU, m) {
+  m.impl("half_gemv", &half_gemv);
+}
