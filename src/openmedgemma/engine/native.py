@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8_gemv.cpp",))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8_gemv.cpp", "int4_gemv.cpp"))
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
 
 

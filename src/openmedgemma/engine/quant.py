@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openmedgemma.engine import native
+from openmedgemma.engine.int4 import Int4Linear
 from openmedgemma.errors import OpenMedGemmaError
 
 # mode -> the layer class that replaces an nn.Linear: cls(weight, mode). Each weight format lives in its own
@@ -94,6 +95,7 @@ class Int8Linear(nn.Module):
 
 
 LAYERS.update({"int8": Int8Linear, "int8-dynamic": Int8Linear})
+LAYERS["int4"] = Int4Linear
 MODES = tuple(LAYERS)
 
 
