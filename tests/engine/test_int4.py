@@ -134,6 +134,7 @@ def test_op_is_a_well_formed_torch_op_and_compiles_without_graph_breaks(isas):
     packed, scales, _, _ = _weights(40, 10, 5)
     for isa in isas:
         torch.library.opcheck(torch.ops.openmedgemma.int4_gemv.default, (torch.randn(2, 10), packed, scales, 40, isa))
+    torch.library.opcheck(torch.ops.openmedgemma.int4_dequant.default, (packed, scales, 40, 10))
     layer = Int4Linear(torch.randn(40, 10))
     compiled = torch.compile(layer, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
     x = torch.randn(1, 10)
@@ -148,8 +149,11 @@ def test_int4_linear_decode_and_prefill_paths_agree(isas, dtype):
     assert isas[-1] in layer.kernel.lower().replace("-", "").replace(" ", "")  # says which kernel runs
     q, scale = layer.int4_rows()
     assert q.shape == (70, 100) and scale.shape == (70, 4)
-    torch.testing.assert_close(layer.dequantize(torch.float64)[:, :64], (q[:, :64].double().view(70, 2, 32)
-                               * scale[:, :2].double()[:, :, None]).view(70, 64))  # fmt: skip
+    expected = q.double() * scale.double().repeat_interleave(32, 1)[:, :100]
+    assert torch.equal(layer.dequantize(torch.float64), expected)  # the C++ pass (exact: 4-bit times fp16)
+    layer.isa = None  # torch's ops, as off CPU
+    assert torch.equal(layer.dequantize(torch.float64), expected)
+    layer.isa = isas[-1]
     x = torch.randn(12, 100, dtype=dtype)
     prefill = layer(x)  # 12 rows: dequantize + matmul
     decode = torch.cat([layer(x[i : i + 4]) for i in range(0, 12, 4)])  # 4 rows: the kernel

@@ -80,11 +80,16 @@ def kernel_isa() -> str | None:
     if not native.int8_gemv_available():  # loads (or builds) the one library that holds every kernel
         return None
     torch.library.register_fake("openmedgemma::int4_gemv")(_fake)
+    torch.library.register_fake("openmedgemma::int4_dequant")(_fake_dequant)
     return torch.ops.openmedgemma.int4_best_isa()
 
 
 def _fake(x, w, scale, n, isa="auto"):  # output shape for torch.compile's tracing
     return x.new_empty((x.shape[0], n))
+
+
+def _fake_dequant(w, scale, n, k):
+    return w.new_empty((n, k), dtype=torch.float32)
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int, isa: str = "auto") -> torch.Tensor:
@@ -132,6 +137,9 @@ class Int4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [out, in] as `dtype` (what the kernel multiplies by, up to its activation rounding)."""
+        if self.isa is not None and self.weight_int4.device.type == "cpu":  # one vectorised pass, fp32 out
+            w = torch.ops.openmedgemma.int4_dequant(self.weight_int4, self.scale, self.out_features, self.in_features)
+            return w.to(dtype)
         q, scale = unpack_int4(self.weight_int4, self.scale, self.out_features)
         w = q.to(dtype).view(self.out_features, -1, GROUP) * scale.to(dtype)[:, :, None]
         return w.view(self.out_features, -1)[:, : self.in_features]

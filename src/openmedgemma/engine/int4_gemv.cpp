@@ -193,11 +193,64 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
+// The weight as fp32 [n, k] (prefill: one BLAS matmul after). Per (block, group, t, channel), 4 bytes
+// hold inputs 8t..8t+3 (low nibbles) and 8t+4..8t+7 (high): 8 consecutive floats of one row.
+at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& scale, int64_t n, int64_t k) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(2) == kChunk && w.is_cpu(),
+              "int4_dequant: w must be contiguous uint8 blocks [ceil(N / 32), ceil(K / 32), 512]");
+  const int64_t blocks = w.size(0), G = w.size(1);
+  TORCH_CHECK(G == (k + kGroup - 1) / kGroup && blocks == (n + kBlock - 1) / kBlock,
+              "int4_dequant: w [", blocks, ", ", G, ", 512] cannot hold [", n, ", ", k, "]");
+  TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                  scale.size(0) == blocks && scale.size(1) == G && scale.size(2) == kBlock,
+              "int4_dequant: scale must be contiguous fp16 [ceil(N / 32), ceil(K / 32), 32]");
+  at::Tensor out = at::empty({n, k}, w.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  float* op = out.data_ptr<float>();
+  const __m128i low = _mm_set1_epi8(0x0F);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) float tmp[8];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t width = std::min(kBlock, n - b * kBlock);
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* chunk = wp + (b * G + g) * kChunk;
+        const uint16_t* sc = sp + (b * G + g) * kBlock;
+        for (int64_t c = 0; c < width; ++c) {
+          const __m256 d = _mm256_set1_ps(_cvtsh_ss(sc[c]));
+          const __m256 bias = _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+          float* row = op + (b * kBlock + c) * k;
+          for (int t = 0; t < 4; ++t) {
+            int32_t v;
+            std::memcpy(&v, chunk + t * 128 + c * 4, 4);
+            const __m128i bytes = _mm_cvtsi32_si128(v);
+            const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+            const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi32(lo, hi)));
+            const __m256 y = _mm256_fmadd_ps(f, d, bias);  // (u - 8) * d
+            const int64_t k0 = g * kGroup + 8 * t;
+            if (k0 + 8 <= k) {
+              _mm256_storeu_ps(row + k0, y);
+            } else if (k0 < k) {  // the last, partial group
+              _mm256_store_ps(tmp, y);
+              std::memcpy(row + k0, tmp, (k - k0) * sizeof(float));
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(openmedgemma, m) {
   m.def("int4_gemv(Tensor x, Tensor w, Tensor scale, int n, str isa='auto') -> Tensor");
+  m.def("int4_dequant(Tensor w, Tensor scale, int n, int k) -> Tensor");
   m.def("int4_best_isa() -> str", &int4_best_isa);  // what isa='auto' picks on this CPU
 }
 
-TORCH_LIBRARY_IMPL(openmedgemma, CPU, m) { m.impl("int4_gemv", &int4_gemv); }
+TORCH_LIBRARY_IMPL(openmedgemma, CPU, m) {
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_dequant", &int4_dequant);
+}
