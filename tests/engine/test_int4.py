@@ -168,7 +168,7 @@ def test_int4_linear_decode_and_prefill_paths_agree(isas, dtype):
 def test_quantizing_by_slices_of_rows_equals_all_at_once(monkeypatch):
     w = torch.randn(200, 50).bfloat16()  # bf16 in, as a 4B checkpoint: no fp32 copy of the whole matrix
     whole = Int4Linear(w)
-    monkeypatch.setattr(int4, "ROWS_PER_SLICE", 64)
+    monkeypatch.setattr(int4, "SLICE_ELEMENTS", 64 * 50)  # 64 rows at a time
     sliced = Int4Linear(w)
     assert torch.equal(whole.weight_int4, sliced.weight_int4) and torch.equal(whole.scale, sliced.scale)
 

@@ -28,7 +28,7 @@ GROUP = 32  # inputs per scale: kGroup in int4_gemv.cpp
 BLOCK = 32  # output channels per kernel block: kBlock in int4_gemv.cpp
 CHUNK = BLOCK * GROUP // 2  # bytes per (block, group)
 FUSED_MAX_ROWS = 8  # above this many rows (prefill), dequantize once and run one BLAS matmul
-ROWS_PER_SLICE = 4096  # rows quantized at a time: bounds the fp32 temporaries (4096 x 2560: 42 MB)
+SLICE_ELEMENTS = 1 << 22  # weights quantized at a time: bounds each fp32 temporary to ~16 MB
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +112,13 @@ class Int4Linear(nn.Module):
             raise OpenMedGemmaError(f"unknown int4 mode {mode!r}; use int4")
         self.mode = mode
         self.out_features, self.in_features = weight.shape
-        parts = []
-        for start in range(0, self.out_features, ROWS_PER_SLICE):  # multiples of BLOCK: blocks never straddle
-            parts.append(pack_int4(*quantize_int4(weight[start : start + ROWS_PER_SLICE])))
-        packed, scales = (torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts))
+        nb, g = -(-self.out_features // BLOCK), -(-self.in_features // GROUP)
+        packed = torch.empty(nb, g, CHUNK, dtype=torch.uint8)  # filled a slice at a time: no second copy
+        scales = torch.empty(nb, g, BLOCK, dtype=torch.float16)
+        rows = max(BLOCK, SLICE_ELEMENTS // max(self.in_features, 1) // BLOCK * BLOCK)  # whole blocks per slice
+        for start in range(0, self.out_features, rows):
+            p, s = pack_int4(*quantize_int4(weight[start : start + rows]))
+            packed[start // BLOCK : start // BLOCK + len(p)], scales[start // BLOCK : start // BLOCK + len(s)] = p, s
         self.register_buffer("weight_int4", packed.to(weight.device))
         self.register_buffer("scale", scales.to(weight.device))
         isa = kernel_isa() if weight.device.type == "cpu" else None
