@@ -59,8 +59,8 @@ def main() -> None:
     t = time.perf_counter()
     quantize(model, args.mode)
     head = quantized_head(model, args.mode)
-    print(f"quantized to {args.mode} in {time.perf_counter() - t:.0f} s; peak while quantizing {status('VmHWM'):.2f} GB; "
-          f"resident after {status('VmRSS'):.2f} GB")  # fmt: skip
+    print(f"quantized to {args.mode} in {time.perf_counter() - t:.0f} s; "
+          f"peak while quantizing {status('VmHWM'):.2f} GB; resident after {status('VmRSS'):.2f} GB")  # fmt: skip
     layer_bytes = sum(b.numel() * b.element_size() for b in model.language_model.layers.buffers())
     head_bytes = sum(b.numel() * b.element_size() for b in head.buffers())
     emb = model.language_model.embed_tokens.weight
@@ -82,8 +82,8 @@ def main() -> None:
         run(n)
         times[n] = time.perf_counter() - t
     decode = (args.new - 1) / (times[args.new] - times[1])
-    print(f"{args.mode}, {args.threads} thread(s): decode {decode:.2f} tok/s, prefill {args.prompt / times[1]:.1f} tok/s "
-          f"(TTFT {times[1]:.2f} s); peak resident while generating {status('VmHWM'):.2f} GB")  # fmt: skip
+    print(f"{args.mode}, {args.threads} thread(s): decode {decode:.2f} tok/s, "
+          f"prefill {args.prompt / times[1]:.1f} tok/s (TTFT {times[1]:.2f} s); peak resident while generating {status('VmHWM'):.2f} GB")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -173,7 +173,10 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
               "int4_gemv: scale must be contiguous fp16 [ceil(N / 32), ceil(K / 32), 32]");
   const BlockFn block = pick(std::string(isa));
   std::vector<QuantRow> rows(M);
-  for (int64_t m = 0; m < M; ++m) quantize_row(x.data_ptr<float>() + m * K, K, G, rows[m]);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {  // prefill: many rows
+    for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, G, rows[m]);
+  });
   at::Tensor y = at::empty({M, n}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
