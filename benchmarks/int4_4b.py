@@ -83,7 +83,8 @@ def main() -> None:
         times[n] = time.perf_counter() - t
     decode = (args.new - 1) / (times[args.new] - times[1])
     print(f"{args.mode}, {args.threads} thread(s): decode {decode:.2f} tok/s, "
-          f"prefill {args.prompt / times[1]:.1f} tok/s (TTFT {times[1]:.2f} s); peak resident while generating {status('VmHWM'):.2f} GB")  # fmt: skip
+          f"prefill {args.prompt / times[1]:.1f} tok/s (TTFT {times[1]:.2f} s); "
+          f"peak resident while generating {status('VmHWM'):.2f} GB")  # fmt: skip
 
 
 if __name__ == "__main__":
