@@ -196,7 +196,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return y;
 }
 
-// The weight as fp32 [n, k] (prefill: one BLAS matmul after). Per (block, group, t, channel), 4 bytes
+// The weight as fp32 [n, k], for Int4Linear.dequantize (savers, tests). Per (block, group, t, channel), 4 bytes
 // hold inputs 8t..8t+3 (low nibbles) and 8t+4..8t+7 (high): 8 consecutive floats of one row.
 at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& scale, int64_t n, int64_t k) {
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(2) == kChunk && w.is_cpu(),
