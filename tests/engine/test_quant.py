@@ -80,5 +80,5 @@ def test_int8_greedy_mostly_agrees_and_runs_through_the_engine(engine, ours_text
 
 
 def test_unknown_quantization_is_refused(ours_text):
-    with pytest.raises(OpenMedGemmaError, match="unknown quantization 'int4'"):
-        quantize(copy.deepcopy(ours_text), "int4")
+    with pytest.raises(OpenMedGemmaError, match="unknown quantization 'int3'"):
+        quantize(copy.deepcopy(ours_text), "int3")

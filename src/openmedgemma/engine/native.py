@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8_gemv.cpp", "half_gemv.cpp"))
+KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp")  # one library, each registers its own ops
+SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from openmedgemma.engine import cpu, native
 from openmedgemma.engine.half import HalfLinear
+from openmedgemma.engine.int4 import Int4Linear
 from openmedgemma.errors import OpenMedGemmaError
 
 # mode -> the layer class that replaces an nn.Linear: cls(weight, mode). Each weight format lives in its own
@@ -97,6 +98,7 @@ class Int8Linear(nn.Module):
 
 LAYERS.update({"int8": Int8Linear, "int8-dynamic": Int8Linear})
 LAYERS.update(bf16=HalfLinear, fp16=HalfLinear)
+LAYERS["int4"] = Int4Linear
 MODES = tuple(LAYERS)
 
 
