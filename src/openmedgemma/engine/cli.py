@@ -17,7 +17,8 @@ from openmedgemma.errors import ImageError, OpenMedGemmaError
 from openmedgemma.imaging.pacs_cli import add_dicomweb_arguments, study_turn
 
 # The modes themselves are read from engine.quant.MODES when the model loads (that module imports torch).
-QUANTIZE_HELP = ("decoder weight format: int8 (weight-only: a quarter of fp32's bytes, ~2x faster decode on x86 "
+QUANTIZE_HELP = ("decoder weight format: int4 (weight-only, groups of 32: 4.5 bits per weight, the fastest CPU "
+                 "decode), int8 (weight-only: a quarter of fp32's bytes, ~2x faster decode on x86 "
                  "CPUs with AVX2), int8-dynamic (CPU: int8 activations too, faster prefill), bf16 / fp16 (half the "
                  "bytes, closer to fp32), and any other of engine.quant.MODES; the engine says on stderr which "
                  "kernels it picked for this CPU. CPU kernels are built once, on first use, with the system C++ "

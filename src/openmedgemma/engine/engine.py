@@ -154,9 +154,9 @@ class Engine:
         [result] = engine.generate([[{"role": "user", "content": "Hi"}]], GenerationConfig(max_new_tokens=64))
         for delta in engine.stream(messages): print(delta, end="")
 
-    quantize: None or a weight format of `engine.quant.MODES` ("int8" weight-only, "int8-dynamic" (CPU), "bf16" and
-    "fp16" weight-only, ...), applied to `model` in place; one line on stderr says which kernels were chosen
-    for this CPU and why.
+    quantize: None or a weight format of `engine.quant.MODES` ("int4" weight-only, groups of 32 (q4_0's bits),
+    "int8" weight-only, "int8-dynamic" (CPU), "bf16" and "fp16" weight-only), applied to `model` in place;
+    one line on stderr says which kernels were chosen for this CPU and why.
     max_batch_size: conversations generated together (sorted by length, so padding stays small).
     prefill_chunk: prompt tokens per prefill step (bounds activation memory for long prompts).
     compile: run decode steps through `torch.compile` (opt-in: the first step compiles, tens of seconds

@@ -34,11 +34,20 @@ FUSED_MAX_ROWS = 8
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [N, K] in -127..127, float32 scale [N]) with weight ~= q * scale[:, None]."""
-    w = weight.detach().float().contiguous()  # relayout_weights may have left it a transposed view
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+def quantize_weight(weight: torch.Tensor, chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [N, K] in -127..127, float32 scale [N]) with weight ~= q * scale[:, None].
+
+    About `chunk` weights at a time: a bf16 model's matrices (the 4b head is 0.67 G weights) are never
+    copied whole to fp32."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    rows = max(1, chunk // max(k, 1))
+    for start in range(0, n, rows):
+        w = weight[start : start + rows].detach().float()  # any layout (relayout_weights leaves views)
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[start : start + rows] = torch.round(w / s[:, None]).clamp(-127, 127)
+        scale[start : start + rows] = s
     return q, scale
 
 
