@@ -107,14 +107,14 @@ def load(state, args) -> None:
     from openmedgemma.tokenizer import Tokenizer
     from openmedgemma.serve.app import ServedModel
 
-    from openmedgemma.engine.cli import quantize_mode
+    from openmedgemma.engine.cli import bf16_default, quantize_mode
     from openmedgemma.engine.dtype import choose_dtype
 
     device = _device(args.device)
     chat_path = model_or_nano(args.model, "medgemma", "openmedgemma serve")
     embed_path = args.embedding_model or (None if args.model else nano_path("medsiglip"))
-    quantize = quantize_mode(args)  # checked before the model loads
     dtype = choose_dtype(chat_path, args.dtype, device)  # as `ask`: refuses an upcast that cannot fit
+    quantize = bf16_default(quantize_mode(args), dtype, device)
     model = MedGemma.from_pretrained(chat_path, dtype=dtype, device=device)
     prepack = args.prepack_weights and not quantize and _fits_twice(model)
     engine = Engine(model, Tokenizer.from_pretrained(chat_path), quantize=quantize, prepack_weights=prepack)
