@@ -175,9 +175,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         model = random_130m(Path(tmp))
-    from openmedgemma.engine.fast import FastDecoder
+    from openmedgemma.engine.fast import DecoderRunner
 
-    decoder = FastDecoder(model.language_model)
+    decoder = DecoderRunner(model.language_model)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.text.vocab_size
     pattern = torch.randint(3, vocab, (16,), generator=g).tolist()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from openmedgemma.engine import Engine, GenerationConfig, generate_ids
-from openmedgemma.engine.fast import FastDecoder, fused_buffer, relayout_weights
+from openmedgemma.engine.fast import DecoderRunner, fused_buffer, relayout_weights
 from openmedgemma.errors import OpenMedGemmaError
 from tests.ci import in_ci
 
@@ -61,7 +61,7 @@ def test_kernels_step_aside_for_replaced_layers_and_see_training(ours_text, prep
             return lm(x, positions, _causal(lm, 7))
 
     expected = hidden()  # no kernels yet: the modules as they are
-    FastDecoder(lm, prepack=prepack)
+    DecoderRunner(lm, prepack=prepack)
     attn = lm.layers[0].self_attn
     assert attn.qkv_kernel is not None and lm.layers[0].mlp.gate_up_kernel is not None
     torch.testing.assert_close(hidden(), expected, atol=1e-5, rtol=1e-5)
@@ -112,7 +112,7 @@ def test_compiled_decode_gives_the_eager_tokens(ours_text, rows):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (21, 13)][:rows]
     config = GenerationConfig(max_new_tokens=20)
-    decoder = FastDecoder(ours_text.language_model, compile=True)
+    decoder = DecoderRunner(ours_text.language_model, compile=True)
     expected = generate_ids(ours_text, prompts, None, config)
     assert generate_ids(ours_text, prompts, None, config, fast=decoder) == expected
     assert decoder._compiled is not None and decoder.compile_seconds > 0
@@ -133,7 +133,7 @@ def test_compiled_decode_runs_the_int8_kernel(ours_text):
     prompts = [torch.randint(3, 90, (17,), generator=torch.Generator().manual_seed(2)).tolist()]
     config = GenerationConfig(max_new_tokens=12)
     expected = generate_ids(model, prompts, None, config)
-    decoder = FastDecoder(model.language_model, compile=True)
+    decoder = DecoderRunner(model.language_model, compile=True)
     from torch._dynamo.utils import counters
 
     counters.clear()

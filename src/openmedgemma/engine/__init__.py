@@ -1,4 +1,4 @@
-"""openmedgemma.engine: generation for MedGemma (KV cache, batching, streaming, int8 / bf16 / fp16 weights) and the ask/chat CLI.
+"""openmedgemma.engine: generation for MedGemma (KV cache, batching, streaming, int4 / int8 / bf16 / fp16 weights) and the ask/chat CLI.
 
     from openmedgemma.engine import Engine, GenerationConfig
     engine = Engine.from_pretrained("path/to/medgemma-4b-it")
@@ -25,9 +25,10 @@ _EXPORTS = {
     "TokenStream": "openmedgemma.engine.generate",
     "plan_chunks": "openmedgemma.engine.generate",
     "KVCache": "openmedgemma.engine.cache",
-    "FastDecoder": "openmedgemma.engine.fast",
+    "DecoderRunner": "openmedgemma.engine.fast",
     "Int8Linear": "openmedgemma.engine.quant",
     "HalfLinear": "openmedgemma.engine.half",
+    "Int4Linear": "openmedgemma.engine.int4",
     "quantize": "openmedgemma.engine.quant",
 }
 

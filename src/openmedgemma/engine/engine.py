@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from openmedgemma.engine.cpu import detect as detect_cpu
-from openmedgemma.engine.fast import FastDecoder
+from openmedgemma.engine.fast import DecoderRunner
 from openmedgemma.engine.generate import DEFAULT_PREFILL_CHUNK, VISION_BATCH, TokenStream, iter_image_features
 from openmedgemma.engine.quant import quantize as quantize_model
 from openmedgemma.engine.quant import quantized_head
@@ -211,8 +211,8 @@ class Engine:
             self.head = quantized_head(model, quantize)
             print(kernel_notice(model, quantize, self.head), file=sys.stderr)
         if compile and not fast:
-            raise OpenMedGemmaError("compile=True compiles the fast decoder; it needs fast=True")
-        self.decoder = FastDecoder(model.language_model, compile=compile, prepack=prepack_weights,
+            raise OpenMedGemmaError("compile=True compiles the decode step of the engine's decoder runner; it needs fast=True")
+        self.decoder = DecoderRunner(model.language_model, compile=compile, prepack=prepack_weights,
                                    relayout=relayout_weights) if fast else False  # fmt: skip
         self.image_cache_size, self.image_cache_bytes = image_cache_size, image_cache_bytes
         self.vision_batch = vision_batch

@@ -173,7 +173,7 @@ def remove_kernels(language_model) -> None:
         setattr(parent, attr, None)
 
 
-class FastDecoder:
+class DecoderRunner:
     """How the engine runs the decoder: the model's own forward, with the options above.
 
     relayout: `relayout_weights` (CPU fp32; on by default: same values, `state_dict()` unchanged);

@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 import torch
 
 from openmedgemma.engine.cache import KVCache
-from openmedgemma.engine.fast import FastDecoder
+from openmedgemma.engine.fast import DecoderRunner
 from openmedgemma.engine.lookup import PromptLookup
 from openmedgemma.engine.quant import Int8Linear
 from openmedgemma.engine.sampling import GenerationConfig, next_tokens
@@ -63,7 +63,7 @@ class TokenStream:
     `config.max_new_tokens` steps). Rows that are done still ride along in the batch (static shapes).
     features: per prompt, the image features [n_images, tokens_per_image, hidden] or None.
     head: hidden [B, H] -> logits [B, V]; the model's tied head by default.
-    fast: run the decoder through a `FastDecoder` (the model's forward with the engine's weight layout and
+    fast: run the decoder through a `DecoderRunner` (the model's forward with the engine's weight layout and
     kernels, engine/fast.py; pass one to reuse it), or False for the model's modules exactly as they are.
 
     With `config.prompt_lookup_tokens` > 0, greedy and one prompt, decoding is speculative (see the
@@ -84,7 +84,7 @@ class TokenStream:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         head: Callable[[torch.Tensor], torch.Tensor] | None = None,
         pad_id: int = 0,
-        fast: bool | FastDecoder = True,
+        fast: bool | DecoderRunner = True,
     ):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise OpenMedGemmaError("generation needs at least one prompt, and no prompt may be empty")
@@ -93,7 +93,7 @@ class TokenStream:
         self.model, self.config, self.prefill_chunk = model, config, prefill_chunk
         self.head = head or model.logits
         lm = model.language_model
-        self.decoder = fast if isinstance(fast, FastDecoder) else FastDecoder(lm) if fast else None
+        self.decoder = fast if isinstance(fast, DecoderRunner) else DecoderRunner(lm) if fast else None
         self.done = [False] * len(prompts)
         device = model.device
         length = max(len(p) for p in prompts)
@@ -283,7 +283,7 @@ def generate_ids(
     stop_ids: Sequence[int] = (),
     *,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-    fast: bool | FastDecoder = True,
+    fast: bool | DecoderRunner = True,
 ) -> list[list[int]]:
     """New token ids per prompt, generated together in one batch.
 

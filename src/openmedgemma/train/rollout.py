@@ -79,10 +79,10 @@ def engine_rollout(model, *, max_new_tokens: int, temperature: float, top_k: int
     (saved in checkpoints). The engine's fused matmuls cover plain linear layers only; adapters and quantized
     layers run through their own modules (engine/fast.py checks on every call). A completion is cut before any id of
     `suppress_ids` (an image soft token cannot be part of a completion)."""
-    from openmedgemma.engine.fast import FastDecoder
+    from openmedgemma.engine.fast import DecoderRunner
     from openmedgemma.engine.generate import generate_ids
 
-    fast = FastDecoder(model.language_model)  # one for every call: its kernels see weight updates
+    fast = DecoderRunner(model.language_model)  # one for every call: its kernels see weight updates
     suppress = set(suppress_ids)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None)
 
