@@ -344,7 +344,8 @@ def main() -> None:
     peer = parser.add_argument_group("--peer llama.cpp (benchmarks/generate_peer.py)")
     peer.add_argument("--peer", choices=["llama.cpp"], default=None,
                       help="also run llama.cpp (llama-cpp-python, built once from source into a cache) at each format")
-    peer.add_argument("--formats", default=None, help="our modes, comma list (default: every mode in quant.MODES)")
+    peer.add_argument("--formats", default=None, help="our modes, comma list (default: every mode in quant.MODES; "
+                      "4b: plus bf16-as-loaded, the unquantized row)")
     peer.add_argument("--peer-formats", default=None, help="llama.cpp formats, comma list of f32,f16,q8_0,q4_0 (default all)")
     peer.add_argument("--thread-list", default="1,2", help="thread counts to measure at (default 1,2)")
     peer.add_argument("--work-dir", type=Path, default=None, help="4b: keep and reuse the checkpoint and GGUF files here")

@@ -91,8 +91,8 @@ def bench_small(name: str, args, folder: Path) -> dict:
             ggufs[fmt] = P.convert(folder, folder, fmt, log)
         else:
             f32 = ggufs.get("f32") or P.convert(folder, folder, "f32", log)
-            ggufs[fmt] = P.quantize(llama_cpp, f32, fmt, max(args.thread_list))
-    print(f"GGUF {', '.join(ggufs)} written in {time.perf_counter() - t:.1f} s (convert_hf_to_gguf.py log: {log})")
+            ggufs[fmt] = P.quantize(llama_cpp, f32, fmt, max(args.thread_list), log)
+    print(f"GGUF {', '.join(ggufs)} written in {time.perf_counter() - t:.1f} s (converter / quantize log: {log})")
 
     ours = {"ours fp32": (MedGemma.from_pretrained(folder, dtype=torch.float32), None)}
     for mode in our_modes(args.formats):
@@ -250,14 +250,15 @@ def bench_4b(args, work: Path) -> dict:
             target = work / f"model-{fmt}.gguf"
             if not target.exists():
                 t = time.perf_counter()
-                P.quantize(llama_cpp, source, fmt, os.cpu_count() or 1)
+                P.quantize(llama_cpp, source, fmt, os.cpu_count() or 1, work / "convert.log")
                 print(f"GGUF {fmt} written in {time.perf_counter() - t:.0f} s", flush=True)
             ggufs[fmt] = target
     skipped = [f for f in args.peer_formats if f not in ("q8_0", "q4_0")]
     if skipped:
         print(f"note: llama.cpp {', '.join(skipped)} not run at 4b (only q8_0 / q4_0: f32 would need 15.5 GB)")
 
-    impls = ["ours bf16-as-loaded"] + [f"ours {m}" for m in our_modes(args.formats)]
+    base = ["ours bf16-as-loaded"] if not args.formats or "bf16-as-loaded" in args.formats else []
+    impls = base + [f"ours {m}" for m in our_modes(args.formats)]
     impls += [f"llama.cpp {fmt}" for fmt in ggufs]
     report = dict(config="4b", llama_cpp=build_info, runs={})
     for threads in args.thread_list:
@@ -297,9 +298,10 @@ def _child(impl: str, path: str, threads: int, prompt_len: int, new: int) -> Non
         from openmedgemma.engine.generate import TokenStream
 
         model = MedGemma.from_pretrained(path, dtype=torch.bfloat16)
+        n_params = sum(p.numel() for p in model.language_model.parameters())  # before quantize replaces them
         mode = impl.split()[1]
         head = None if mode == "bf16-as-loaded" else G.ours_setup(model, f"ours-{mode}")[0]
-        bits = decode_bits_per_weight(model, head, sum(p.numel() for p in model.language_model.parameters()))
+        bits = decode_bits_per_weight(model, head, n_params)
 
         def run(n):
             for _ in TokenStream(model, [ids], [None], GenerationConfig(max_new_tokens=n), head=head, fast=True):

@@ -14,6 +14,7 @@ runs put on sys.path:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -36,6 +37,18 @@ SITE = CACHE / "site"
 # AMX CPUs: the default (native) build segfaults on q8_0 with more than one token per batch (llama.cpp
 # issue 20824); without the AMX instructions it runs, at the same speed.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cpu_id() -> str:
+    """The CPU a native build was made for: model name and every instruction-set flag (-march=native may use
+    any of them)."""
+    import machine
+
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        line = ""
+    return f"{machine.cpu_model()}; {' '.join(sorted(set(line.split(':', 1)[-1].split())))}"
 
 
 def cpu_has_amx() -> bool:
@@ -79,7 +92,8 @@ def build() -> dict:
     pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp)]
     subprocess.run([*pip, "--no-binary", "llama-cpp-python", str(SDIST)], check=True, env=env)
     subprocess.run([*pip, "diskcache"], check=True)  # llama_cpp's only runtime import not in our venv
-    record = dict(version=VERSION, cmake_args=cmake_args, c_flags=flags, seconds=round(time.perf_counter() - t, 1))
+    record = dict(version=VERSION, cmake_args=cmake_args, c_flags=flags, seconds=round(time.perf_counter() - t, 1),
+                  cpu=cpu_id())  # fmt: skip
     (tmp / "build.json").write_text(json.dumps(record))
     shutil.rmtree(SITE, ignore_errors=True)
     tmp.rename(SITE)
@@ -88,8 +102,13 @@ def build() -> dict:
 
 
 def load():
-    """Import llama_cpp: the cached build, else an installed one, else build it now. Returns (module, build info)."""
-    if not (SITE / "llama_cpp").is_dir():
+    """Import llama_cpp: the cached build, else an installed one, else build it now. Returns (module, build info).
+    A cached build made on another CPU (a shared home folder) is rebuilt: -march=native code may not run here."""
+    record = SITE / "build.json"
+    if record.exists() and json.loads(record.read_text()).get("cpu", cpu_id()) != cpu_id():
+        print(f"llama.cpp peer: the cached build in {SITE} was made for another CPU; rebuilding", flush=True)
+        build()
+    elif not (SITE / "llama_cpp").is_dir():
         try:
             import llama_cpp
 
@@ -110,6 +129,25 @@ if __name__ == "__main__":
 
 
 # ------------------------------------------------------------------ conversion
+
+
+@contextlib.contextmanager
+def native_output_to(log: Path | str):
+    """Send what C code writes to stdout / stderr (llama.cpp's per-tensor quantize lines, its context notices)
+    to `log`: Python's sys.stderr redirection does not reach it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -144,15 +182,17 @@ def convert(hf_folder: Path, out: Path, outtype: str, log: Path) -> Path:
     return target
 
 
-def quantize(llama_cpp, source: Path, kind: str, threads: int) -> Path:
+def quantize(llama_cpp, source: Path, kind: str, threads: int, log: Path | str = os.devnull) -> Path:
     """GGUF -> q8_0 / q4_0 with llama_model_quantize (llama.cpp's defaults for that type: 1-d tensors stay
     f32, and for q4_0 the tied output / embedding matrix gets a higher-precision type: see bits per weight)."""
     ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
     target = source.with_name(f"model-{kind}.gguf")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftypes[kind], threads
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize {source} -> {kind} failed")
+    with native_output_to(log):
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if failed:
+        raise RuntimeError(f"llama_model_quantize {source} -> {kind} failed (log: {log})")
     return target
 
 
@@ -167,8 +207,10 @@ class Peer:
 
     def __init__(self, llama_cpp, path: Path, threads: int, n_ctx: int = 512):
         self.lib = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=False, verbose=False, seed=0)  # fmt: skip
+        with native_output_to(os.devnull):  # verbose=False still leaves a KV-cache notice per context
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                       n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
+                                       seed=0)  # fmt: skip
         self.n_vocab = self.llm.n_vocab()
         model = self.llm.model
         self.bits_per_weight = 8 * llama_cpp.llama_model_size(model) / llama_cpp.llama_model_n_params(model)
