@@ -75,23 +75,22 @@ def agreement(mine: list[int], reference: list[int]) -> int:
 
 def bench_small(name: str, args, folder: Path) -> dict:
     from openmedgemma import MedGemma
-    from openmedgemma.engine.generate import TokenStream
-
     from openmedgemma.engine import GenerationConfig
+    from openmedgemma.engine.generate import TokenStream
 
     llama_cpp, build_info = P.load()
     hf, cfg = G.build(name, torch.float32, "cpu", folder)
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"\n== {name}: {n_params / 1e6:.1f}M params; llama.cpp: {build_info}", flush=True)
 
-    ggufs, t = {}, time.perf_counter()
+    ggufs, f32, t = {}, None, time.perf_counter()
     log = folder / "convert.log"
     for fmt in args.peer_formats:
-        if fmt in ("f32", "f16"):
+        if fmt == "f16":
             ggufs[fmt] = P.convert(folder, folder, fmt, log)
-        else:
-            f32 = ggufs.get("f32") or P.convert(folder, folder, "f32", log)
-            ggufs[fmt] = P.quantize(llama_cpp, f32, fmt, max(args.thread_list), log)
+        else:  # q8_0 / q4_0 are quantized from the f32 file (the lossless source)
+            f32 = f32 or P.convert(folder, folder, "f32", log)
+            ggufs[fmt] = f32 if fmt == "f32" else P.quantize(llama_cpp, f32, fmt, max(args.thread_list), log)
     print(f"GGUF {', '.join(ggufs)} written in {time.perf_counter() - t:.1f} s (converter / quantize log: {log})")
 
     ours = {"ours fp32": (MedGemma.from_pretrained(folder, dtype=torch.float32), None)}
@@ -151,7 +150,7 @@ def bench_small(name: str, args, folder: Path) -> dict:
         results = G.measure(runners, args.prompt, args.new, 1, args.repeats, "cpu")
         for p in peers.values():
             p.close()
-        report["runs"][f"{threads} threads"] = results
+        report["runs"][f"threads={threads}"] = results
         print_table(f"{name}, {threads} thread{'s' if threads > 1 else ''}, load {load_average()}", results, bits,
                     "transformers fp32")  # fmt: skip
     return report
@@ -274,7 +273,7 @@ def bench_4b(args, work: Path) -> dict:
             results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
             bits[impl] = results[impl].pop("bits_per_weight")
             print(f"  {impl}: {time.perf_counter() - t:.0f} s in its process", flush=True)
-        report["runs"][f"{threads} threads"] = dict(results=results, bits_per_weight=bits)
+        report["runs"][f"threads={threads}"] = dict(results=results, bits_per_weight=bits)
         print_table(f"4b, {threads} thread{'s' if threads > 1 else ''}, prompt {args.prompt}, {args.new} new, "
                     f"load {load_average()}", results, bits, None)  # fmt: skip
     return report
