@@ -336,7 +336,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; --peer at 4b: 64)")
     parser.add_argument("--new", type=int, default=None, help="new tokens (default 128; --peer at 4b: 32)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs, medians (default 3; --peer at 4b: 1)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 variants")
     parser.add_argument("--compile", action="store_true", help="also time ours with Engine(compile=True)")
@@ -354,6 +354,7 @@ def main() -> None:
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.repeats_given, args.repeats = args.repeats is not None, args.repeats or 3
     if not args.peer:  # --peer picks its own per shape
         args.prompt, args.new = args.prompt or 128, args.new or 128
     if args.threads:

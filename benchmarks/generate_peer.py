@@ -14,8 +14,9 @@ tokens of each format against transformers fp32.
 
 4b: the true 4b text shapes (3.88B params) cannot be built in fp32 here, so random bf16 weights are written
 tensor by tensor in the text-only checkpoint layout (plus llama.cpp GGUF bf16 -> q8_0 / q4_0). Each
-implementation then runs in its own fresh process (one model in memory at a time): decode tok/s, TTFT and peak
-RSS of the whole process, weights included (1 repeat, shorter prompt and answer by default).
+implementation then runs in its own fresh process (one model in memory at a time): decode tok/s and TTFT timed
+token by token within each generation, and the peak RSS of the whole process, weights included (by default
+a 64-token prompt, 32 new tokens, 1 repeat).
 """
 
 from __future__ import annotations
@@ -264,7 +265,8 @@ def bench_4b(args, work: Path) -> dict:
         results, bits = {}, {}
         for impl in impls:
             path = ggufs[impl.split()[1]] if impl.startswith("llama.cpp") else hf_folder
-            cmd = [sys.executable, __file__, "--child", impl, str(path), str(threads), str(args.prompt), str(args.new)]
+            cmd = [sys.executable, __file__, "--child", impl, str(path), str(threads), str(args.prompt), str(args.new),
+                   str(args.repeats_4b)]  # fmt: skip
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -279,8 +281,11 @@ def bench_4b(args, work: Path) -> dict:
     return report
 
 
-def _child(impl: str, path: str, threads: int, prompt_len: int, new: int) -> None:
-    """One 4b implementation in this fresh process: warm-up, TTFT (1 token), N tokens; peak RSS of the process."""
+def _child(impl: str, path: str, threads: int, prompt_len: int, new: int, repeats: int) -> None:
+    """One 4b implementation in this fresh process: a warm-up generation, then `repeats` N-token generations, each
+    timed token by token (TTFT = the first token; decode = the N - 1 after it), medians; peak RSS of the process.
+    Timing within one generation, not as the difference of a 1- and an N-token run: with one repeat, a stall
+    in either run would corrupt that difference."""
     torch.set_num_threads(threads)
     ids = torch.randint(3, G.text_config("4b").vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
     ids = ids.tolist()
@@ -289,8 +294,8 @@ def _child(impl: str, path: str, threads: int, prompt_len: int, new: int) -> Non
         peer = P.Peer(llama_cpp, Path(path), threads)
         bits = peer.bits_per_weight
 
-        def run(n):
-            peer.generate(ids, n)
+        def stream(n):
+            return peer.stream(ids, n)
     else:
         from openmedgemma import MedGemma
         from openmedgemma.engine import GenerationConfig
@@ -302,21 +307,25 @@ def _child(impl: str, path: str, threads: int, prompt_len: int, new: int) -> Non
         head = None if mode == "bf16-as-loaded" else G.ours_setup(model, f"ours-{mode}")[0]
         bits = decode_bits_per_weight(model, head, n_params)
 
-        def run(n):
-            for _ in TokenStream(model, [ids], [None], GenerationConfig(max_new_tokens=n), head=head, fast=True):
-                pass
+        def stream(n):
+            return TokenStream(model, [ids], [None], GenerationConfig(max_new_tokens=n), head=head, fast=True)
 
-    run(2)  # warm-up: kernels, lazy initialisation, every weight page read once
-    t = time.perf_counter()
-    run(1)
-    t1 = time.perf_counter() - t
-    t = time.perf_counter()
-    run(new)
-    tn = time.perf_counter() - t
+    for _ in stream(2):  # warm-up: kernels, lazy initialisation, every weight page read once
+        pass
+    ttft, decode = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i, _ in enumerate(stream(new)):
+            if i == 0:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        ttft.append(first - t)
+        decode.append((new - 1) / (end - first))
+    t1 = float(np.median(ttft))
     # peak: the whole process, weights included (for ours' modes also the bf16 pages read while quantizing);
     # end: what stays resident for serving
     rss = dict(peak_rss=G._proc_status("VmHWM"), end_rss=G._proc_status("VmRSS"))
-    print(json.dumps(dict(ttft_s=t1, prefill_tok_s=prompt_len / t1, decode_tok_s=(new - 1) / (tn - t1), **rss,
+    print(json.dumps(dict(ttft_s=t1, prefill_tok_s=prompt_len / t1, decode_tok_s=float(np.median(decode)), **rss,
                           bits_per_weight=bits)))  # fmt: skip
 
 
@@ -338,8 +347,9 @@ def main(args) -> None:
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load {load_average()}", flush=True)  # fmt: skip
     reports = []
     given = args.prompt, args.new
+    args.repeats_4b = args.repeats if args.repeats_given else 1
     for name in (args.configs or "130m").split(","):
-        # 4b: a short run (one repeat) by default, 64-token prompt and 32 new tokens
+        # 4b: a short run by default: 64-token prompt, 32 new tokens, one repeat
         args.prompt, args.new = given[0] or (64 if name == "4b" else 128), given[1] or (32 if name == "4b" else 128)
         if name == "4b":
             if args.work_dir:
@@ -357,5 +367,5 @@ def main(args) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--child":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        impl, path, threads, prompt_len, new = sys.argv[2:7]
-        _child(impl, path, int(threads), int(prompt_len), int(new))
+        impl, path, threads, prompt_len, new, repeats = sys.argv[2:8]
+        _child(impl, path, int(threads), int(prompt_len), int(new), int(repeats))

@@ -219,15 +219,18 @@ class Peer:
         ptr = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def generate(self, prompt: list[int], n: int) -> list[int]:
+    def stream(self, prompt: list[int], n: int):
+        """Yield n greedy tokens, each as soon as it is known."""
         self.llm.reset()
         self.llm.eval(prompt)
-        out = []
         for i in range(n):
-            out.append(int(self.last_logits().argmax()))
+            token = int(self.last_logits().argmax())
+            yield token
             if i + 1 < n:
-                self.llm.eval(out[-1:])
-        return out
+                self.llm.eval([token])
+
+    def generate(self, prompt: list[int], n: int) -> list[int]:
+        return list(self.stream(prompt, n))
 
     def prompt_logits(self, prompt: list[int]) -> np.ndarray:
         self.llm.reset()
