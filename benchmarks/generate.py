@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py                          # CPU: ~10M and ~130M params, fp32, batch 1
     python benchmarks/generate.py --device cuda            # GPU: 4b shape, bf16, batch 1 and 32
+    python benchmarks/generate.py --peer llama.cpp         # CPU: + llama.cpp at f32/f16/q8_0/q4_0 (generate_peer.py)
 
 A Gemma 3 text decoder of each shape is built by transformers (its random init), saved, and loaded by
 ours from the files. Prompt: 128 random tokens; 128 new tokens; greedy; stopping off on both sides.
@@ -259,12 +260,12 @@ def bench_config(name: str, args, folder: Path) -> dict:
 
 def ours_setup(model, impl: str):
     """TokenStream's (head, fast) for one of our variants: "ours-<mode>" quantizes `model` in place and takes
-    its int8 head (None off CPU); "ours-compiled" gets a new compiled FastDecoder."""
-    from openmedgemma.engine.fast import FastDecoder
+    its int8 head (None off CPU); "ours-compiled" gets a new compiled DecoderRunner."""
+    from openmedgemma.engine.fast import DecoderRunner
     from openmedgemma.engine.quant import quantized_head
 
     if impl == "ours-compiled":
-        return None, FastDecoder(model.language_model, compile=True)
+        return None, DecoderRunner(model.language_model, compile=True)
     if impl == "ours":
         return None, True
     mode = impl.removeprefix("ours-")
@@ -332,22 +333,40 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--configs", default=None, help="comma list of 10m, 130m, 4b (default: CPU 10m,130m; GPU 4b)")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; --peer at 4b: 64)")
+    parser.add_argument("--new", type=int, default=None, help="new tokens (default 128; --peer at 4b: 32)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs, medians (default 3; --peer at 4b: 1)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 variants")
     parser.add_argument("--compile", action="store_true", help="also time ours with Engine(compile=True)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    peer = parser.add_argument_group("--peer llama.cpp (benchmarks/generate_peer.py)")
+    peer.add_argument("--peer", choices=["llama.cpp"], default=None,
+                      help="also run llama.cpp (llama-cpp-python, built once from source into a cache) at each format")
+    peer.add_argument("--formats", default=None, help="our modes, comma list (default: every mode in quant.MODES; "
+                      "4b: plus bf16-as-loaded, the unquantized row)")
+    peer.add_argument("--peer-formats", default=None, help="llama.cpp formats, comma list of f32,f16,q8_0,q4_0 (default all)")
+    peer.add_argument("--thread-list", default="1,2", help="thread counts to measure at (default 1,2)")
+    peer.add_argument("--work-dir", type=Path, default=None, help="4b: keep and reuse the checkpoint and GGUF files here")
+    peer.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (default: the system's)")
     parser.add_argument("--peak-child", nargs=2, metavar=("IMPL", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.repeats_given, args.repeats = args.repeats is not None, args.repeats or 3
+    if not args.peer:  # --peer picks its own per shape
+        args.prompt, args.new = args.prompt or 128, args.new or 128
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peak_child:
         return _peak_child(*args.peak_child, args)
+    if args.peer:
+        if cuda:
+            parser.error("--peer llama.cpp runs on the CPU only")
+        import generate_peer
+
+        return generate_peer.main(args)
     configs = (args.configs or ("4b" if cuda else "10m,130m")).split(",")
     print(f"machine: {machine()}; torch {torch.__version__}; {datetime.date.today()}")
     reports = []
