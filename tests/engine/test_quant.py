@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from openmedgemma import MedGemma
 from openmedgemma.engine import Engine, GenerationConfig, Int8Linear, generate_ids, quantize
 from openmedgemma.engine.quant import quantize_weight, quantized_head
 from openmedgemma.errors import OpenMedGemmaError
@@ -82,3 +83,16 @@ def test_int8_greedy_mostly_agrees_and_runs_through_the_engine(engine, ours_text
 def test_unknown_quantization_is_refused(ours_text):
     with pytest.raises(OpenMedGemmaError, match="unknown quantization 'int3'"):
         quantize(copy.deepcopy(ours_text), "int3")
+
+
+def test_quantize_releases_the_checkpoint_mapping_of_what_it_replaced(hf_text):
+    """Loaded weights are views of each file's mapping; once the linears are quantized, what stays of a layer
+    (its norms) must not keep a whole shard mapped and resident (the 4b shape held 7.8 GB of bf16 pages)."""
+    model = MedGemma.from_pretrained(hf_text[1])
+    lm = model.language_model
+    mapped = lm.layers[0].input_layernorm.weight.untyped_storage().nbytes()
+    assert mapped > lm.layers[0].input_layernorm.weight.numel() * 4  # before: a view of the file
+    quantize(model, "int8")
+    for layer in [*lm.layers, lm.norm]:
+        for param in layer.parameters():
+            assert param.untyped_storage().nbytes() == param.numel() * param.element_size()

@@ -157,6 +157,17 @@ def quantize(model, mode: str = "int8") -> None:
                 module = getattr(parent, name, None)
                 if isinstance(module, nn.Linear):
                     setattr(parent, name, LAYERS[mode](module.weight, mode))
+        # what stays of the layer (its norms: a few KB) may be a view of a checkpoint file's mapping, which would
+        # keep the whole shard mapped (and its pages resident) after its linear weights are gone: copy it out
+        _own_storage(layer)
+    _own_storage(model.language_model.norm)
+
+
+def _own_storage(module: nn.Module) -> None:
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.untyped_storage().nbytes() > param.numel() * param.element_size():
+                param.data = param.data.clone()
 
 
 def quantized_head(model, mode: str) -> nn.Module | None:
