@@ -12,32 +12,20 @@ GB/s counts the bytes of weight each reads: fp32 4, int8 1, int4 0.5625 per weig
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from int8_kernel import SHAPES  # noqa: E402  (benchmarks/int8_kernel.py, next to this file)
+from int8_kernel import SHAPES, timed  # noqa: E402  (benchmarks/int8_kernel.py, next to this file)
 from machine import describe  # noqa: E402
 
 from openmedgemma.engine import native  # noqa: E402
 from openmedgemma.engine.int4 import CHUNK, GROUP, int4_gemv, kernel_isa  # noqa: E402
 
 COPIES = 6
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
 
 
 def variants(n: int, k: int, gen: torch.Generator) -> dict:
