@@ -207,9 +207,13 @@ def _load(args):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from openmedgemma.model.medgemma import MedGemma
+    from openmedgemma.tokenizer import Tokenizer
+
     dtype = choose_dtype(args.model, args.dtype, device)  # refuses an upcast that cannot fit in memory
-    quantize = bf16_default(quantize_mode(args), dtype, device)
-    return Engine.from_pretrained(args.model, dtype=dtype, device=device, quantize=quantize)
+    mode = quantize_mode(args)
+    model = MedGemma.from_pretrained(args.model, dtype=dtype, device=device)
+    return Engine(model, Tokenizer.from_pretrained(args.model), quantize=bf16_default(mode, dtype, device, model))
 
 
 def quantize_mode(args) -> str | None:
@@ -225,11 +229,25 @@ def quantize_mode(args) -> str | None:
     return mode
 
 
-def bf16_default(mode: str | None, dtype: str, device: str) -> str | None:
+def bf16_default(mode: str | None, dtype: str, device: str, model=None) -> str | None:
     """The weight format to run: `mode`, or for a model loaded in bfloat16 on a CPU "bf16", the engine's 16-bit
     layers (the same weights and bytes; its decode kernel streams them ~2.5x faster than torch's bf16 linear
-    does: benchmarks/formats.py). "none" keeps the plain layers."""
+    does: benchmarks/formats.py). "none" keeps the plain layers. The 16-bit layers are a re-laid-out copy made
+    while the checkpoint is still mapped: where that copy does not fit in the memory left, the plain layers
+    are kept (said on stderr)."""
     if mode is None and dtype == "bfloat16" and str(device).startswith("cpu"):
+        if model is not None:
+            from torch import nn
+
+            from openmedgemma.engine.dtype import available_memory
+
+            lm = model.language_model
+            weights = [m.weight for m in lm.modules() if isinstance(m, nn.Linear)] + [lm.embed_tokens.weight]
+            needed = sum(w.numel() * w.element_size() for w in weights)  # the layers and the head's copy
+            if needed * 1.5 + (64 << 20) > available_memory():  # + one layer's temporaries, the kernels' library
+                print(f"openmedgemma: the 16-bit decode layers need {needed / 1e9:.2f} GB more memory than is "
+                      "free; running torch's bfloat16 layers (slower decode)", file=sys.stderr)  # fmt: skip
+                return None
         return "bf16"
     return None if mode == "none" else mode
 

@@ -36,9 +36,9 @@ class GemmaRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
         """gain: another (1 + w) broadcast over x's last dims (q and k heads normed together take both gains)."""
         h = x.float()
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: the reference's exact ops
             gain = self.gain() if gain is None else gain
-            return (h * torch.rsqrt((h * h).sum(-1, keepdim=True) * (1.0 / h.shape[-1]) + self.eps) * gain).to(x.dtype)
+            return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * gain).to(x.dtype)
         # the same in fewer ops (sum * (1 / n) + eps in one, in place): a decode step runs hundreds of norms
         held = self._held(self._parameters["weight"])
         r = torch.add(held[4], (h * h).sum(-1, keepdim=True), alpha=1.0 / h.shape[-1]).rsqrt_()
@@ -82,5 +82,6 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """`apply_rotary` in three ops: x * cos + roll(x, half) * signed sin (tables broadcast to x)."""
-    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), sin_signed)
+    """`apply_rotary` in four ops: x * cos + roll(x, half) * signed sin (tables broadcast to x). The same roundings
+    as the reference's x * cos + cat(-x2, x1) * sin (a sign flip is exact; no fused multiply-add)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_signed

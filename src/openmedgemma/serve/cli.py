@@ -114,8 +114,9 @@ def load(state, args) -> None:
     chat_path = model_or_nano(args.model, "medgemma", "openmedgemma serve")
     embed_path = args.embedding_model or (None if args.model else nano_path("medsiglip"))
     dtype = choose_dtype(chat_path, args.dtype, device)  # as `ask`: refuses an upcast that cannot fit
-    quantize = bf16_default(quantize_mode(args), dtype, device)
+    mode = quantize_mode(args)
     model = MedGemma.from_pretrained(chat_path, dtype=dtype, device=device)
+    quantize = bf16_default(mode, dtype, device, model)
     prepack = args.prepack_weights and not quantize and _fits_twice(model)
     engine = Engine(model, Tokenizer.from_pretrained(chat_path), quantize=quantize, prepack_weights=prepack)
     if engine.decoder and engine.decoder.prepack:
