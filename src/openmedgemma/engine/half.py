@@ -78,7 +78,7 @@ class HalfLinear(nn.Module):
         self.out_features, self.in_features = w.shape
         on_cpu = w.device.type == "cpu"
         info = cpu.detect()
-        half = w.to(DTYPES[mode]).contiguous()  # pack_weights may have left it a transposed view
+        half = w.to(DTYPES[mode]).contiguous()  # relayout_weights may have left it a transposed view
         blocked = on_cpu and kernel_available()
         self.register_buffer("weight_half", native.pack_blocks(half) if blocked else half)
         self.isa = decode_isa(info) if blocked else None
@@ -121,6 +121,4 @@ class HalfLinear(nn.Module):
         w = self.weight_half
         if w.dim() == 2:
             return F.linear(x.to(dtype), w.to(dtype))
-        k = w.shape[1]  # blocks [B, K, 32] -> [K, B * 32]: the layout BLAS / oneDNN read fastest for x @ w
-        dense = torch.empty(k, w.shape[0], w.shape[2], dtype=dtype, device=x.device).copy_(w.permute(1, 0, 2))
-        return (x.to(dtype) @ dense.view(k, -1))[:, : self.out_features]
+        return (x.to(dtype) @ native.blocks_to_columns(w, dtype))[:, : self.out_features]

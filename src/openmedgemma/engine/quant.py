@@ -99,10 +99,7 @@ class Int8Linear(nn.Module):
         w, scale = self.weight_int8, self.scale.to(x.dtype)
         if w.dim() == 2:
             return F.linear(x, w.to(x.dtype)) * scale
-        # blocks [B, K, 32] -> [K, B * 32] in x's dtype, converted and re-laid out in one pass
-        k = w.shape[1]
-        dense = torch.empty(k, w.shape[0], w.shape[2], dtype=x.dtype, device=x.device).copy_(w.permute(1, 0, 2))
-        return (x @ dense.view(k, -1))[:, : self.out_features] * scale
+        return (x @ native.blocks_to_columns(w, x.dtype))[:, : self.out_features] * scale
 
 
 LAYERS.update({"int8": Int8Linear, "int8-dynamic": Int8Linear})
