@@ -6,6 +6,7 @@ import pytest
 
 from openmedgemma import MedGemma
 from tests import tiny
+from tests.ci import in_ci
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +67,17 @@ def engine(chat_dir):
 def pacsman_series(shared_data):
     """The shared 128-slice synthetic MR series (file names not in slice order)."""
     return shared_data / "dicom" / "pacsman_synthetic" / "dicomseries"
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    """The engine's native CPU library (every kernel of `native.SOURCES`): built and loaded, or the test is
+    skipped on a machine that cannot build it. In CI (x86-64 with g++) a missing library is a failure: decode
+    would silently fall back to torch's slow kernels."""
+    from openmedgemma.engine import half, int4, native
+
+    if not native.int8_gemv_available():
+        if in_ci():
+            pytest.fail("the CPU kernels did not build in CI (see the message on stderr)")
+        pytest.skip("the CPU kernels cannot be built or run on this machine")
+    half.kernel_available(), int4.kernel_isa()  # their ops' fakes (for opcheck / torch.compile) registered

@@ -25,7 +25,6 @@ from openmedgemma import MedGemma
 from openmedgemma.engine import GenerationConfig, generate_ids, int4, quantize
 from openmedgemma.engine.int4 import Int4Linear, int4_gemv, kernel_isa, pack_int4, quantize_int4, unpack_int4
 from openmedgemma.engine.quant import LAYERS, quantized_head
-from tests.ci import in_ci
 
 NANO = Path(__file__).resolve().parents[2] / "models" / "medgemma-nano"
 EPS = torch.finfo(torch.float32).eps
@@ -33,13 +32,9 @@ SHAPES = [(32, 32, 1), (40, 64, 1), (33, 7, 3), (1, 1, 1), (100, 129, 8), (96, 2
 
 
 @pytest.fixture(scope="module")
-def isas():
+def isas(kernel):
     """The kernel variants this CPU runs: always AVX2, AVX-512 VNNI where the CPU has it."""
     isa = kernel_isa()
-    if isa is None:
-        if in_ci():
-            pytest.fail("the CPU kernels did not build in CI (see the message on stderr)")
-        pytest.skip("the CPU kernels cannot be built or run on this machine")
     return ["avx2"] if isa == "avx2" else ["avx2", isa]
 
 

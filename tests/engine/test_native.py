@@ -11,15 +11,6 @@ import torch
 
 from openmedgemma.engine import Int8Linear, native
 from openmedgemma.engine.quant import quantize_weight
-from tests.ci import in_ci
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    if not native.int8_gemv_available():
-        if in_ci():
-            pytest.fail("the int8 CPU kernel did not build in CI (see the message on stderr)")
-        pytest.skip("the int8 CPU kernel cannot be built or run on this machine")
 
 
 def _reference(x, q, scale):
