@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from openmedgemma.engine import Engine, GenerationConfig, generate_ids
-from openmedgemma.engine.fast import DecoderRunner, fused_buffer, relayout_weights
+from openmedgemma.engine.fast import DecoderRunner, GroupedLayers, fused_buffer, relayout_weights
 from openmedgemma.errors import OpenMedGemmaError
 from tests.ci import in_ci
 
@@ -143,3 +143,118 @@ def test_compiled_decode_runs_the_int8_kernel(ours_text):
     assert native.int8_gemv_available() or not in_ci(), "the int8 CPU kernel did not build in CI"
     if native.int8_gemv_available():
         assert model.language_model.layers[0].mlp.up_proj.weight_int8.dim() == 3  # the kernel's blocks
+
+
+# ------------------------------------------------------------------ quantized groups in one kernel call
+
+GROUP_MODES = ["int4", "int8", "bf16", "fp16"]
+GROUP_OPS = {"int4": "int4_gemv_group", "int8": "int8_gemv_group", "bf16": "half_gemv_group", "fp16": "half_gemv_group"}
+
+
+@pytest.mark.parametrize("mode", GROUP_MODES)
+def test_a_group_in_one_call_equals_each_layer_alone(kernel, mode):
+    """`group_forward` (one kernel call over q, k, v-like layers: output widths 40, 33, 64, so blocks of 32 do not
+    line up with the layers) gives exactly the layers' own outputs side by side, for 1 and 3 rows; prefill rows go
+    back to the layers (None) where the kernel is for decode only."""
+    from openmedgemma.engine.quant import LAYERS
+
+    gen = torch.Generator().manual_seed(0)
+    layers = tuple(LAYERS[mode](torch.randn(n, 70, generator=gen), mode) for n in (40, 33, 64))
+    for rows in (1, 3):
+        x = torch.randn(2, rows, 70, generator=gen)
+        y = type(layers[0]).group_forward(layers, x)
+        assert y is not None and y.shape == (2, rows, 137)
+        assert torch.equal(y, torch.cat([m(x) for m in layers], -1))
+    many = torch.randn(1, 40, 70, generator=gen)
+    y = type(layers[0]).group_forward(layers, many)
+    if mode == "int4":  # its kernel runs prefill too
+        assert torch.equal(y, torch.cat([m(many) for m in layers], -1))
+    else:
+        assert y is None
+
+
+def test_group_ops_refuse_mismatched_lists_and_widths(kernel):
+    from openmedgemma.engine.half import HalfLinear
+    from openmedgemma.engine.int4 import Int4Linear
+    from openmedgemma.engine.quant import Int8Linear
+
+    ops = torch.ops.openmedgemma
+    a, b = Int4Linear(torch.randn(32, 64)), Int4Linear(torch.randn(32, 96))
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="same, non-zero length"):
+        ops.int4_gemv_group(x, [a.weight_int4], [a.scale, a.scale], [32, 32])
+    with pytest.raises(RuntimeError, match="x has 64 columns but w has 3 groups"):
+        ops.int4_gemv_group(x, [a.weight_int4, b.weight_int4], [a.scale, b.scale], [32, 32])
+    c = Int8Linear(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="same, non-zero length"):
+        ops.int8_gemv_group(x, [], [], [])
+    with pytest.raises(RuntimeError, match="scale must be contiguous fp32"):
+        ops.int8_gemv_group(x, [c.weight_int8, c.weight_int8], [c.scale, c.scale[:5]], [32, 32])
+    h, f = HalfLinear(torch.randn(32, 64), "bf16"), HalfLinear(torch.randn(32, 64), "fp16")
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops.half_gemv_group(x, [h.weight_half, f.weight_half], [32, 32], "avx2")
+    for op, args in ((ops.int4_gemv_group, (x, [a.weight_int4, a.weight_int4], [a.scale, a.scale], [32, 20])),
+                     (ops.int8_gemv_group, (x, [c.weight_int8, c.weight_int8], [c.scale, c.scale], [32, 32])),
+                     (ops.half_gemv_group, (x, [h.weight_half, h.weight_half], [32, 32], "avx2"))):  # fmt: skip
+        torch.library.opcheck(op.default, args)
+
+
+@pytest.mark.parametrize("mode", GROUP_MODES)
+def test_quantized_groups_run_as_one_call_and_step_aside_when_replaced(ours_text, kernel, mode):
+    """The engine puts a `GroupedLayers` on q/k/v and gate/up of a quantized model: same hidden states as the
+    layers one by one, one kernel call per group, and the layers run alone again once one is replaced."""
+    from openmedgemma.engine import quantize
+
+    model = copy.deepcopy(ours_text)
+    quantize(model, mode)
+    lm = model.language_model
+    ids = torch.randint(3, 90, (2, 1), generator=torch.Generator().manual_seed(5))
+
+    def hidden():
+        with torch.no_grad():
+            return lm(lm.embed(ids), torch.full((2, 1), 0), _causal(lm, 1))
+
+    expected = hidden()  # no kernels: each layer alone
+    DecoderRunner(lm)
+    attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
+    assert isinstance(attn.qkv_kernel, GroupedLayers) and isinstance(mlp.gate_up_kernel, GroupedLayers)
+    assert attn.o_kernel is None and mlp.down_kernel is None  # one layer: nothing to group
+    calls = []
+    real = GroupedLayers.__call__
+    GroupedLayers.__call__ = lambda self, x: calls.append(self) or real(self, x)
+    try:
+        assert torch.equal(hidden(), expected)
+        assert len(calls) == 2 * len(lm.layers)
+        attn.v_proj = type(attn.v_proj)(torch.randn(attn.v_proj.out_features, attn.v_proj.in_features), mode)
+        changed = hidden()
+    finally:
+        GroupedLayers.__call__ = real
+    for layer in lm.layers:
+        layer.self_attn.qkv_kernel = layer.mlp.gate_up_kernel = None
+    assert not torch.equal(changed, expected) and torch.equal(changed, hidden())
+
+
+def test_compiled_int4_decode_runs_one_call_per_group(ours_text, kernel):
+    """torch.compile traces the grouped kernel (no graph break): per layer, one call for q/k/v, one for gate/up,
+    one each for o and down, and the eager int4 tokens."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    from openmedgemma.engine import quantize
+
+    model = copy.deepcopy(ours_text)
+    quantize(model, "int4")
+    prompts = [torch.randint(3, 90, (15,), generator=torch.Generator().manual_seed(4)).tolist()]
+    config = GenerationConfig(max_new_tokens=10)
+    expected = generate_ids(model, prompts, None, config)
+    decoder = DecoderRunner(model.language_model, compile=True)
+    counters.clear()
+    assert generate_ids(model, prompts, None, config, fast=decoder) == expected  # compiles
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    with profile() as prof:
+        assert generate_ids(model, prompts, None, config, fast=decoder) == expected
+    calls = {e.key: e.count for e in prof.key_averages()}
+    layers = len(model.language_model.layers)
+    steps = config.max_new_tokens  # the prefill and 9 decode steps (the last token needs no forward)
+    assert calls.get("openmedgemma::int4_gemv_group") == 2 * layers * steps, calls
+    assert calls.get("openmedgemma::int4_gemv") == 2 * layers * steps, calls

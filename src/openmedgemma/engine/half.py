@@ -47,6 +47,7 @@ def kernel_available() -> bool:
     if not native.int8_gemv_available():  # loads the whole library, half_gemv included
         return False
     torch.library.register_fake("openmedgemma::half_gemv")(lambda x, w, n, isa: x.new_empty((x.shape[0], n)))
+    torch.library.register_fake("openmedgemma::half_gemv_group")(lambda x, w, n, isa: x.new_empty((x.shape[0], sum(n))))
     return True
 
 
@@ -106,6 +107,17 @@ class HalfLinear(nn.Module):
         """The 16-bit weight as [out, in] (a copy if held in blocks)."""
         w = self.weight_half
         return w if w.dim() == 2 else native.unpack_blocks(w, self.out_features)
+
+    @staticmethod
+    def group_forward(layers: tuple[HalfLinear, ...], x: torch.Tensor) -> torch.Tensor | None:
+        """Layers of one group (same input, e.g. q, k, v) in one kernel call at decode: their outputs side by side;
+        None otherwise (then each layer runs)."""
+        x2 = x.reshape(-1, layers[0].in_features)
+        if not layers[0].isa or x2.shape[0] > DECODE_MAX_ROWS or x.device.type != "cpu":
+            return None
+        y = torch.ops.openmedgemma.half_gemv_group(x2.float().contiguous(), [m.weight_half for m in layers],
+                                                   [m.out_features for m in layers], layers[0].isa)  # fmt: skip
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -21,6 +21,10 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
 namespace {
 
 constexpr int64_t kBlock = 32;
@@ -107,45 +111,65 @@ bool cpu_has_avx512() {
 
 using BlockDot = void (*)(const float*, const uint16_t*, int64_t, float*);
 
-at::Tensor half_gemv(const at::Tensor& x, const at::Tensor& w, int64_t n, c10::string_view isa) {
+// y = x times each weight i of a group that reads the same input (q, k, v; gate, up), the outputs side by side
+// [M, sum n], in one parallel loop over every block of every weight (one call per group, not per layer).
+at::Tensor half_gemv_group(const at::Tensor& x, at::TensorList w, at::IntArrayRef n, c10::string_view isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
               "half_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
-  const bool bf16 = w.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(w.dim() == 3 && (bf16 || w.scalar_type() == at::kHalf) && w.is_contiguous() && w.size(2) == kBlock,
-              "half_gemv: w must be contiguous bfloat16 or float16 blocks [ceil(N / 32), K, 32]");
-  TORCH_CHECK(w.size(1) == x.size(1), "half_gemv: x has ", x.size(1), " columns but w has K = ", w.size(1));
-  TORCH_CHECK(w.size(0) == (n + kBlock - 1) / kBlock, "half_gemv: ", w.size(0), " blocks cannot hold N = ", n);
+  TORCH_CHECK(!w.empty() && w.size() == n.size(), "half_gemv_group: w and n must be lists of the same, non-zero length");
+  const bool bf16 = w[0].scalar_type() == at::kBFloat16;
+  const int64_t M = x.size(0), K = x.size(1), parts = w.size();
+  std::vector<int64_t> first_block(parts + 1, 0), first_col(parts + 1, 0);
+  for (int64_t i = 0; i < parts; ++i) {
+    TORCH_CHECK(w[i].dim() == 3 && (bf16 || w[i].scalar_type() == at::kHalf) && w[i].is_contiguous() &&
+                    w[i].size(2) == kBlock,
+                "half_gemv: w must be contiguous bfloat16 or float16 blocks [ceil(N / 32), K, 32]");
+    TORCH_CHECK(w[i].scalar_type() == w[0].scalar_type(), "half_gemv_group: the weights must share one dtype");
+    TORCH_CHECK(w[i].size(1) == K, "half_gemv: x has ", K, " columns but w has K = ", w[i].size(1));
+    TORCH_CHECK(w[i].size(0) == (n[i] + kBlock - 1) / kBlock, "half_gemv: ", w[i].size(0), " blocks cannot hold N = ",
+                n[i]);
+    first_block[i + 1] = first_block[i] + w[i].size(0);
+    first_col[i + 1] = first_col[i] + n[i];
+  }
   const bool wide = isa == "avx512";
   TORCH_CHECK(wide || isa == "avx2", "half_gemv: isa must be 'avx2' or 'avx512', got '", std::string(isa), "'");
   TORCH_CHECK(!wide || cpu_has_avx512(), "half_gemv: isa 'avx512' asked for on a CPU without AVX-512F/BW");
   BlockDot dot = wide ? (bf16 ? &block_dot_avx512<true> : &block_dot_avx512<false>)
                       : (bf16 ? &block_dot_avx2<true> : &block_dot_avx2<false>);
-  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
-  at::Tensor y = at::empty({M, n}, x.options());
+  const int64_t cols = first_col[parts];
+  at::Tensor y = at::empty({M, cols}, x.options());
   const float* xp = x.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
-  // Tasks of at least ~64 KB of weights, so a thread's share outweighs waking it.
+  // Tasks of at least ~32 KB of weights, so a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, K * kBlock));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first_block[parts], grain, [&](int64_t begin, int64_t end) {
     alignas(64) float sums[kBlock];
+    int64_t i = 0;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kBlock, width = std::min(kBlock, n - n0);
+      while (b >= first_block[i + 1]) ++i;  // the weight this block belongs to
+      const int64_t local = b - first_block[i], n0 = local * kBlock, width = std::min(kBlock, n[i] - n0);
+      const uint16_t* wp = reinterpret_cast<const uint16_t*>(w[i].data_ptr()) + local * K * kBlock;
       for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
-        dot(xp + m * K, wp + b * K * kBlock, K, sums);
-        std::copy(sums, sums + width, yp + m * n + n0);
+        dot(xp + m * K, wp, K, sums);
+        std::copy(sums, sums + width, yp + m * cols + first_col[i] + n0);
       }
     }
   });
   return y;
 }
 
+at::Tensor half_gemv(const at::Tensor& x, const at::Tensor& w, int64_t n, c10::string_view isa) {
+  return half_gemv_group(x, {w}, {n}, isa);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(openmedgemma, m) {
   m.def("half_gemv(Tensor x, Tensor w, int n, str isa) -> Tensor");
+  m.def("half_gemv_group(Tensor x, Tensor[] w, int[] n, str isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openmedgemma, CPU, m) {
   m.impl("half_gemv", &half_gemv);
+  m.impl("half_gemv_group", &half_gemv_group);
 }

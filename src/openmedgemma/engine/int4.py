@@ -83,11 +83,16 @@ def kernel_isa() -> str | None:
         return None
     torch.library.register_fake("openmedgemma::int4_gemv")(_fake)
     torch.library.register_fake("openmedgemma::int4_dequant")(_fake_dequant)
+    torch.library.register_fake("openmedgemma::int4_gemv_group")(_fake_group)
     return torch.ops.openmedgemma.int4_best_isa()
 
 
 def _fake(x, w, scale, n, isa="auto"):  # output shape for torch.compile's tracing
     return x.new_empty((x.shape[0], n))
+
+
+def _fake_group(x, w, scale, n, isa="auto"):
+    return x.new_empty((x.shape[0], sum(n)))
 
 
 def _fake_dequant(w, scale, n, k):
@@ -148,6 +153,18 @@ class Int4Linear(nn.Module):
         q, scale = unpack_int4(self.weight_int4, self.scale, self.out_features)
         w = q.to(dtype).view(self.out_features, -1, GROUP) * scale.to(dtype)[:, :, None]
         return w.view(self.out_features, -1)[:, : self.in_features]
+
+    @staticmethod
+    def group_forward(layers: tuple[Int4Linear, ...], x: torch.Tensor) -> torch.Tensor | None:
+        """Layers of one group (same input, e.g. q, k, v) in one kernel call: their outputs side by side, as
+        `model.gemma3.project` concatenates them; None where the kernel does not run them (then each layer runs)."""
+        if layers[0].isa is None or x.device.type != "cpu":
+            return None
+        lead = x.shape[:-1]
+        y = torch.ops.openmedgemma.int4_gemv_group(x.reshape(-1, layers[0].in_features).float().contiguous(),
+                                                   [m.weight_int4 for m in layers], [m.scale for m in layers],
+                                                   [m.out_features for m in layers])  # fmt: skip
+        return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

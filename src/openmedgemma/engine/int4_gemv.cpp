@@ -158,42 +158,60 @@ BlockFn pick(const std::string& isa) {
   return block_vnni;
 }
 
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t n,
-                     c10::string_view isa) {
+// y = x times each weight i of a group that reads the same input (q, k, v; gate, up), the outputs side by side
+// [M, sum n]: x is quantized once and one parallel loop runs over every block of every weight (one call
+// per group instead of one per layer: a small model's decode step is mostly per-call costs).
+at::Tensor int4_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList scale, at::IntArrayRef n,
+                           c10::string_view isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
               "int4_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(2) == kChunk,
-              "int4_gemv: w must be contiguous uint8 blocks [ceil(N / 32), ceil(K / 32), 512]");
-  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0), G = w.size(1);
-  TORCH_CHECK(G == (K + kGroup - 1) / kGroup, "int4_gemv: x has ", K, " columns but w has ", G,
-              " groups of 32");
-  TORCH_CHECK(blocks == (n + kBlock - 1) / kBlock, "int4_gemv: ", blocks, " blocks cannot hold N = ", n);
-  TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kHalf && scale.is_contiguous() &&
-                  scale.size(0) == blocks && scale.size(1) == G && scale.size(2) == kBlock,
-              "int4_gemv: scale must be contiguous fp16 [ceil(N / 32), ceil(K / 32), 32]");
+  TORCH_CHECK(!w.empty() && w.size() == scale.size() && w.size() == n.size(),
+              "int4_gemv_group: w, scale and n must be lists of the same, non-zero length");
+  const int64_t M = x.size(0), K = x.size(1), G = (K + kGroup - 1) / kGroup, parts = w.size();
+  std::vector<int64_t> first_block(parts + 1, 0), first_col(parts + 1, 0);
+  for (int64_t i = 0; i < parts; ++i) {
+    TORCH_CHECK(w[i].dim() == 3 && w[i].scalar_type() == at::kByte && w[i].is_contiguous() && w[i].size(2) == kChunk,
+                "int4_gemv: w must be contiguous uint8 blocks [ceil(N / 32), ceil(K / 32), 512]");
+    TORCH_CHECK(w[i].size(1) == G, "int4_gemv: x has ", K, " columns but w has ", w[i].size(1), " groups of 32");
+    TORCH_CHECK(w[i].size(0) == (n[i] + kBlock - 1) / kBlock, "int4_gemv: ", w[i].size(0),
+                " blocks cannot hold N = ", n[i]);
+    TORCH_CHECK(scale[i].dim() == 3 && scale[i].scalar_type() == at::kHalf && scale[i].is_contiguous() &&
+                    scale[i].size(0) == w[i].size(0) && scale[i].size(1) == G && scale[i].size(2) == kBlock,
+                "int4_gemv: scale must be contiguous fp16 [ceil(N / 32), ceil(K / 32), 32]");
+    first_block[i + 1] = first_block[i] + w[i].size(0);
+    first_col[i + 1] = first_col[i] + n[i];
+  }
   const BlockFn block = pick(std::string(isa));
   std::vector<QuantRow> rows(M);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {  // prefill: many rows
     for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, G, rows[m]);
   });
-  at::Tensor y = at::empty({M, n}, x.options());
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const int64_t cols = first_col[parts];
+  at::Tensor y = at::empty({M, cols}, x.options());
   float* yp = y.data_ptr<float>();
   // Tasks of at least ~32 KB of weights, so a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / (G * kChunk));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first_block[parts], grain, [&](int64_t begin, int64_t end) {
     alignas(64) float sums[kBlock];
+    int64_t i = 0;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kBlock, width = std::min(kBlock, n - n0);
+      while (b >= first_block[i + 1]) ++i;  // the weight this block belongs to
+      const int64_t local = b - first_block[i], n0 = local * kBlock, width = std::min(kBlock, n[i] - n0);
+      const uint8_t* wp = w[i].data_ptr<uint8_t>() + local * G * kChunk;
+      const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale[i].data_ptr<at::Half>()) + local * G * kBlock;
       for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
-        block(rows[m], wp + b * G * kChunk, sp + b * G * kBlock, G, sums);
-        std::memcpy(yp + m * n + n0, sums, width * sizeof(float));
+        block(rows[m], wp, sp, G, sums);
+        std::memcpy(yp + m * cols + first_col[i] + n0, sums, width * sizeof(float));
       }
     }
   });
   return y;
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t n,
+                     c10::string_view isa) {
+  return int4_gemv_group(x, {w}, {scale}, {n}, isa);
 }
 
 // The weight as fp32 [n, k], for Int4Linear.dequantize (savers, tests). Per (block, group, t, channel), 4 bytes
@@ -249,11 +267,13 @@ at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& scale, int64_t n,
 
 TORCH_LIBRARY_FRAGMENT(openmedgemma, m) {
   m.def("int4_gemv(Tensor x, Tensor w, Tensor scale, int n, str isa='auto') -> Tensor");
+  m.def("int4_gemv_group(Tensor x, Tensor[] w, Tensor[] scale, int[] n, str isa='auto') -> Tensor");
   m.def("int4_dequant(Tensor w, Tensor scale, int n, int k) -> Tensor");
   m.def("int4_best_isa() -> str", &int4_best_isa);  // what isa='auto' picks on this CPU
 }
 
 TORCH_LIBRARY_IMPL(openmedgemma, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_gemv_group", &int4_gemv_group);
   m.impl("int4_dequant", &int4_dequant);
 }

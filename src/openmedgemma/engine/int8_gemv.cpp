@@ -18,6 +18,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace {
 
 constexpr int64_t kBlock = 32;
@@ -54,43 +56,63 @@ inline void block_dot(const float* x, const int8_t* w, int64_t K, float* out) {
   _mm256_storeu_ps(out + 24, _mm256_add_ps(a3, b3));
 }
 
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t n) {
+// y = x times each weight i of a group that reads the same input (q, k, v; gate, up), the outputs side by side
+// [M, sum n], in one parallel loop over every block of every weight (one call per group, not per layer).
+at::Tensor int8_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList scale, at::IntArrayRef n) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
               "int8_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(2) == kBlock,
-              "int8_gemv: w must be contiguous int8 blocks [ceil(N / 32), K, 32]");
-  TORCH_CHECK(w.size(1) == x.size(1), "int8_gemv: x has ", x.size(1), " columns but w has K = ", w.size(1));
-  TORCH_CHECK(w.size(0) == (n + kBlock - 1) / kBlock, "int8_gemv: ", w.size(0), " blocks cannot hold N = ", n);
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
-              "int8_gemv: scale must be contiguous fp32 [N]");
-  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
-  at::Tensor y = at::empty({M, n}, x.options());
+  TORCH_CHECK(!w.empty() && w.size() == scale.size() && w.size() == n.size(),
+              "int8_gemv_group: w, scale and n must be lists of the same, non-zero length");
+  const int64_t M = x.size(0), K = x.size(1), parts = w.size();
+  std::vector<int64_t> first_block(parts + 1, 0), first_col(parts + 1, 0);
+  for (int64_t i = 0; i < parts; ++i) {
+    TORCH_CHECK(w[i].dim() == 3 && w[i].scalar_type() == at::kChar && w[i].is_contiguous() && w[i].size(2) == kBlock,
+                "int8_gemv: w must be contiguous int8 blocks [ceil(N / 32), K, 32]");
+    TORCH_CHECK(w[i].size(1) == K, "int8_gemv: x has ", K, " columns but w has K = ", w[i].size(1));
+    TORCH_CHECK(w[i].size(0) == (n[i] + kBlock - 1) / kBlock, "int8_gemv: ", w[i].size(0), " blocks cannot hold N = ",
+                n[i]);
+    TORCH_CHECK(scale[i].dim() == 1 && scale[i].size(0) == n[i] && scale[i].scalar_type() == at::kFloat &&
+                    scale[i].is_contiguous(),
+                "int8_gemv: scale must be contiguous fp32 [N]");
+    first_block[i + 1] = first_block[i] + w[i].size(0);
+    first_col[i + 1] = first_col[i] + n[i];
+  }
+  const int64_t cols = first_col[parts];
+  at::Tensor y = at::empty({M, cols}, x.options());
   const float* xp = x.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // Tasks of at least ~64 KB of weights, so a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * kBlock));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first_block[parts], grain, [&](int64_t begin, int64_t end) {
     alignas(32) float sums[kBlock];
+    int64_t i = 0;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t n0 = b * kBlock, width = std::min(kBlock, n - n0);
+      while (b >= first_block[i + 1]) ++i;  // the weight this block belongs to
+      const int64_t local = b - first_block[i], n0 = local * kBlock, width = std::min(kBlock, n[i] - n0);
+      const int8_t* wp = w[i].data_ptr<int8_t>() + local * K * kBlock;
+      const float* sp = scale[i].data_ptr<float>() + n0;
       for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
-        block_dot(xp + m * K, wp + b * K * kBlock, K, sums);
-        float* out = yp + m * n + n0;
-        for (int64_t j = 0; j < width; ++j) out[j] = sums[j] * sp[n0 + j];
+        block_dot(xp + m * K, wp, K, sums);
+        float* out = yp + m * cols + first_col[i] + n0;
+        for (int64_t j = 0; j < width; ++j) out[j] = sums[j] * sp[j];
       }
     }
   });
   return y;
 }
 
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t n) {
+  return int8_gemv_group(x, {w}, {scale}, {n});
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(openmedgemma, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scale, int n) -> Tensor");
+  m.def("int8_gemv_group(Tensor x, Tensor[] w, Tensor[] scale, int[] n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openmedgemma, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
+  m.impl("int8_gemv_group", &int8_gemv_group);
 }

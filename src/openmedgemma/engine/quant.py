@@ -79,6 +79,18 @@ class Int8Linear(nn.Module):
         w = self.weight_int8
         return w if w.dim() == 2 else native.unpack_blocks(w, self.out_features)
 
+    @staticmethod
+    def group_forward(layers: tuple[Int8Linear, ...], x: torch.Tensor) -> torch.Tensor | None:
+        """Layers of one group (same input, e.g. q, k, v) in one kernel call at decode: their outputs side by side;
+        None otherwise (then each layer runs)."""
+        x2 = x.reshape(-1, layers[0].in_features)
+        first = layers[0]
+        if first._packed is not None or first.weight_int8.dim() != 3 or x2.shape[0] > FUSED_MAX_ROWS or x.device.type != "cpu":
+            return None
+        y = torch.ops.openmedgemma.int8_gemv_group(x2.float().contiguous(), [m.weight_int8 for m in layers],
+                                                   [m.scale.float() for m in layers], [m.out_features for m in layers])
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

@@ -60,11 +60,14 @@ def project(x: torch.Tensor, linears: tuple, kernel=None) -> torch.Tensor:
     """x through bias-free linear layers that read the same input, their outputs side by side.
 
     kernel: a fused matmul for the group that an engine installed (`engine.fast`: one matmul over the weights
-    re-laid out as one buffer, or a prepacked copy); it returns None when it does not apply (the weights were
-    replaced, a shape it does not take), and is never used with autograd: then the layers run as they are
-    (adapters, quantized layers included).
+    re-laid out as one buffer, a prepacked copy, or one call of a quantized kernel); it returns None when it
+    does not apply (the weights were replaced, a shape it does not take), and is never used with autograd
+    (nor, unless `traceable`, under torch.compile): then the layers run as they are (adapters, quantized layers
+    included).
     """
-    if kernel is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if kernel is not None and not torch.is_grad_enabled() and (
+        not torch.compiler.is_compiling() or getattr(kernel, "traceable", False)
+    ):
         y = kernel(x)
         if y is not None:
             return y
