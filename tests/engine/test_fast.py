@@ -258,3 +258,28 @@ def test_compiled_int4_decode_runs_one_call_per_group(ours_text, kernel):
     steps = config.max_new_tokens  # the prefill and 9 decode steps (the last token needs no forward)
     assert calls.get("openmedgemma::int4_gemv_group") == 2 * layers * steps, calls
     assert calls.get("openmedgemma::int4_gemv") == 2 * layers * steps, calls
+
+
+def test_each_compiled_runner_keeps_its_own_compiled_code(ours_text):
+    """dynamo keeps compiled code per code object and runs a frame eagerly once `recompile_limit` entries exist:
+    a second compiled runner (another model) must still run compiled, not fall back because the first filled the
+    cache (limit 1 here; 8 by default, reached by a benchmark that compiles 5 formats in one process)."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    from openmedgemma.engine import quantize
+
+    prompts = [torch.randint(3, 90, (9,), generator=torch.Generator().manual_seed(6)).tolist()]
+    config = GenerationConfig(max_new_tokens=4)
+    quantized = copy.deepcopy(ours_text)
+    quantize(quantized, "int8")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        counters.clear()
+        for model in (copy.deepcopy(ours_text), quantized):
+            decoder = DecoderRunner(model.language_model, compile=True)
+            expected = generate_ids(model, prompts, None, config)
+            assert generate_ids(model, prompts, None, config, fast=decoder) == expected
+            with profile() as prof:
+                generate_ids(model, prompts, None, config, fast=decoder)
+            assert any("Torch-Compiled Region" in e.key for e in prof.key_averages()), "ran eagerly"
+        assert not counters["recompile_limit"] and not counters["cache_size_limit"]

@@ -28,6 +28,7 @@ an adapter or a replaced weight runs through its module instead), and are never 
 from __future__ import annotations
 
 import time
+import types
 
 import torch
 from torch import nn
@@ -251,7 +252,12 @@ class DecoderRunner:
         valid = (kv_cache.valid, kv_cache.ring_valid) if kv_cache.padded else None
         args = (tokens, positions, step, kv_cache.keys, kv_cache.values, valid)
         if self._compiled is None:  # dynamic shapes: other batch sizes / cache capacities reuse it
-            self._compiled = torch.compile(self._static_step, dynamic=True)
+            # dynamo keeps compiled code per code object and, past `recompile_limit` (8) entries, silently runs it
+            # eagerly; every runner (its own model: other layer types, shapes) compiles a private copy of the
+            # step's code, so several compiled engines in one process do not exhaust one shared cache
+            code = DecoderRunner._static_step.__code__.replace()
+            step = types.FunctionType(code, DecoderRunner._static_step.__globals__, "_static_step")
+            self._compiled = torch.compile(types.MethodType(step, self), dynamic=True)
             t = time.perf_counter()
             out = self._compiled(*args)  # the first call builds it
             self.compile_seconds = time.perf_counter() - t
