@@ -115,3 +115,38 @@ def test_disabled_kernel_says_why_once(monkeypatch, capsys):
         assert err.count("the int8 CPU kernel is not used (OPENMEDGEMMA_NATIVE=0)") == 1
     finally:
         native.int8_gemv_available.cache_clear()  # the next caller loads it again (dlopen of a loaded library)
+
+
+# ------------------------------------------------------------------ the decoder norms' kernel (rms_norm.cpp)
+
+
+@pytest.mark.parametrize(("shape", "rows_of_gain"), [((1, 1, 768), 1), ((2, 3, 9, 128), 9), ((5, 13), 1), ((4, 7), 4)])
+def test_rms_norm_kernel_equals_the_model_norm(kernel, shape, rows_of_gain):
+    """One op = the model's no-grad norm (x * rsqrt(mean(x^2) + eps) * gain) up to the order of the sum of squares;
+    a gain of G rows (q and k heads normed together with stacked gains) repeats over x's rows."""
+    from openmedgemma.model.layers import GemmaRMSNorm
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen) * 3
+    gain = torch.randn(rows_of_gain, shape[-1], generator=gen) if rows_of_gain > 1 else None
+    norm = GemmaRMSNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=gen)
+        want = norm(x, gain)
+        norm.fused = native.rms_norm
+        got = norm(x, gain)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    reference = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    reference = reference * (norm.gain() if gain is None else gain).double()
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_kernel_declines_what_it_does_not_take_and_refuses_bad_gains(kernel):
+    gain = torch.ones(2, 8)
+    assert native.rms_norm(torch.randn(3, 8, dtype=torch.bfloat16), gain[0], 1e-6) is None  # the torch ops run it
+    assert native.rms_norm(torch.randn(8, 3).t(), gain[0], 1e-6) is None  # not contiguous
+    with pytest.raises(RuntimeError, match="last dimension D = 8"):
+        torch.ops.openmedgemma.rms_norm(torch.randn(3, 8), torch.ones(6), 1e-6)
+    with pytest.raises(RuntimeError, match="a gain of 2 rows needs x"):
+        torch.ops.openmedgemma.rms_norm(torch.randn(3, 8), gain, 1e-6)
+    torch.library.opcheck(torch.ops.openmedgemma.rms_norm.default, (torch.randn(2, 2, 8), gain, 1e-6))

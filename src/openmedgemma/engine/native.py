@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp")  # one library, each registers its own ops
+KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp")  # one library, each registers its own ops
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
 
@@ -63,6 +63,13 @@ def int8_gemv(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, n: int
     return torch.ops.openmedgemma.int8_gemv(x, blocks, scale, n)
 
 
+def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The decoder norms' kernel (`rms_norm.cpp`; engine.fast installs it): contiguous fp32 CPU x, else None."""
+    if x.dtype != torch.float32 or gain.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    return torch.ops.openmedgemma.rms_norm(x, gain, eps)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("OPENMEDGEMMA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "openmedgemma"
     return Path(root).expanduser() / "kernels"
@@ -82,6 +89,7 @@ def int8_gemv_available() -> bool:
               "torch's kernel, which is slower than fp32 on CPUs without AVX-512", file=sys.stderr)  # fmt: skip
         return False
     torch.library.register_fake("openmedgemma::int8_gemv")(_fake)
+    torch.library.register_fake("openmedgemma::rms_norm")(lambda x, gain, eps: torch.empty_like(x))
     torch.library.register_fake("openmedgemma::int8_gemv_group")(lambda x, w, scale, n: x.new_empty((x.shape[0], sum(n))))
     return True
 

@@ -15,6 +15,7 @@ class GemmaRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
         self._gain: tuple | None = None  # (weight's identity and version, 1 + w): see `gain`
+        self.fused = None  # optional one-op norm an engine installs: fused(x, gain, eps) -> y, or None to decline
 
     def gain(self) -> torch.Tensor:
         """(1 + w) in fp32. Without autograd it is kept until the weight changes (a decode step runs hundreds of
@@ -41,6 +42,10 @@ class GemmaRMSNorm(nn.Module):
             return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * gain).to(x.dtype)
         # the same in fewer ops (sum * (1 / n) + eps in one, in place): a decode step runs hundreds of norms
         held = self._held(self._parameters["weight"])
+        if self.fused is not None:  # one op instead of seven (engine.fast installs it on CPU fp32 decoders)
+            y = self.fused(x, held[3] if gain is None else gain, self.eps)
+            if y is not None:
+                return y
         r = torch.add(held[4], (h * h).sum(-1, keepdim=True), alpha=1.0 / h.shape[-1]).rsqrt_()
         out = (h * r).mul_(held[3] if gain is None else gain)
         return out if out.dtype == x.dtype else out.to(x.dtype)
