@@ -94,6 +94,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--int8", action="store_true", help="as --quantize int8")
     parser.add_argument("--quantize", metavar="MODE", default=None, help=QUANTIZE_HELP)
+    parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile: the "
+                        "first answer waits for it (5-30 s on a CPU), later tokens come faster (130M-shape int4 on "
+                        "one CPU core: 1.3x; see benchmarks/RESULTS.md); worth it for chat and long answers")  # fmt: skip
     parser.add_argument("--show-thinking", action="store_true", help="also print the model's thinking block")
 
 
@@ -213,7 +216,8 @@ def _load(args):
     dtype = choose_dtype(args.model, args.dtype, device)  # refuses an upcast that cannot fit in memory
     mode = quantize_mode(args)
     model = MedGemma.from_pretrained(args.model, dtype=dtype, device=device)
-    return Engine(model, Tokenizer.from_pretrained(args.model), quantize=bf16_default(mode, dtype, device, model))
+    return Engine(model, Tokenizer.from_pretrained(args.model), quantize=bf16_default(mode, dtype, device, model),
+                  compile=args.compile)  # fmt: skip
 
 
 def quantize_mode(args) -> str | None:
