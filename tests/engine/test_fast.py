@@ -123,22 +123,31 @@ def test_compile_needs_the_fast_decoder(ours_text, engine):
         Engine(engine.model, engine.tokenizer, fast=False, compile=True)
 
 
+def _compiled_quantized(ours_text, mode: str, prompt_len: int, seed: int):
+    """A `mode`-quantized copy compiled (DecoderRunner(compile=True)): its compiled greedy tokens are the eager
+    ones, with no graph break. Returns (model, decoder, run) with run() -> the tokens through the decoder."""
+    from torch._dynamo.utils import counters
+
+    from openmedgemma.engine import quantize
+
+    model = copy.deepcopy(ours_text)
+    quantize(model, mode)
+    prompts = [torch.randint(3, 90, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()]
+    config = GenerationConfig(max_new_tokens=10)
+    expected = generate_ids(model, prompts, None, config)
+    decoder = DecoderRunner(model.language_model, compile=True)
+    counters.clear()
+    assert generate_ids(model, prompts, None, config, fast=decoder) == expected  # compiles
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    return model, decoder, lambda: generate_ids(model, prompts, None, config, fast=decoder) == expected
+
+
 def test_compiled_decode_runs_the_int8_kernel(ours_text):
     """An int8 model (on CPU, its linears call the native kernel, a custom op) compiles without graph breaks
     in the decode step and gives the eager int8 tokens."""
-    from openmedgemma.engine import native, quantize
+    from openmedgemma.engine import native
 
-    model = copy.deepcopy(ours_text)
-    quantize(model, "int8")
-    prompts = [torch.randint(3, 90, (17,), generator=torch.Generator().manual_seed(2)).tolist()]
-    config = GenerationConfig(max_new_tokens=12)
-    expected = generate_ids(model, prompts, None, config)
-    decoder = DecoderRunner(model.language_model, compile=True)
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-    assert generate_ids(model, prompts, None, config, fast=decoder) == expected
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    model, _, _ = _compiled_quantized(ours_text, "int8", 17, 2)
     # the kernel packs its weights in blocks; where it is missing the check is skipped, but never in CI
     assert native.int8_gemv_available() or not in_ci(), "the int8 CPU kernel did not build in CI"
     if native.int8_gemv_available():
@@ -237,25 +246,14 @@ def test_quantized_groups_run_as_one_call_and_step_aside_when_replaced(ours_text
 def test_compiled_int4_decode_runs_one_call_per_group(ours_text, kernel):
     """torch.compile traces the grouped kernel (no graph break): per layer, one call for q/k/v, one for gate/up,
     one each for o and down, and the eager int4 tokens."""
-    from torch._dynamo.utils import counters
     from torch.profiler import profile
 
-    from openmedgemma.engine import quantize
-
-    model = copy.deepcopy(ours_text)
-    quantize(model, "int4")
-    prompts = [torch.randint(3, 90, (15,), generator=torch.Generator().manual_seed(4)).tolist()]
-    config = GenerationConfig(max_new_tokens=10)
-    expected = generate_ids(model, prompts, None, config)
-    decoder = DecoderRunner(model.language_model, compile=True)
-    counters.clear()
-    assert generate_ids(model, prompts, None, config, fast=decoder) == expected  # compiles
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    model, _, run = _compiled_quantized(ours_text, "int4", 15, 4)
     with profile() as prof:
-        assert generate_ids(model, prompts, None, config, fast=decoder) == expected
+        assert run()
     calls = {e.key: e.count for e in prof.key_averages()}
     layers = len(model.language_model.layers)
-    steps = config.max_new_tokens  # the prefill and 9 decode steps (the last token needs no forward)
+    steps = 10  # the prefill and 9 decode steps (the 10th token needs no forward)
     assert calls.get("openmedgemma::int4_gemv_group") == 2 * layers * steps, calls
     assert calls.get("openmedgemma::int4_gemv") == 2 * layers * steps, calls
 
