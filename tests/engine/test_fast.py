@@ -283,13 +283,18 @@ def test_each_compiled_runner_keeps_its_own_compiled_code(ours_text):
         assert not counters["recompile_limit"] and not counters["cache_size_limit"]
 
 
-def test_norm_kernels_on_cpu_fp32_decoders_only(ours_text):
-    """An fp32 decoder on the CPU gets the one-op norm on every RMSNorm (same numbers as the torch ops, to the
-    order of a sum); a bf16 one keeps the torch ops; `remove_kernels` takes them off."""
-    from openmedgemma.engine import native
+def test_norm_kernels_on_quantized_cpu_fp32_decoders_only(ours_text):
+    """A quantized fp32 decoder on the CPU (its layers run the native library) gets the one-op norm on every
+    RMSNorm (same numbers as the torch ops, to the order of a sum); a plain fp32 one keeps the torch ops (it never
+    waits for the library's build), and so does a bf16 one; `remove_kernels` takes them off."""
+    from openmedgemma.engine import native, quantize
     from openmedgemma.engine.fast import _norms, remove_kernels
 
+    plain = copy.deepcopy(ours_text)
+    DecoderRunner(plain.language_model)
+    assert all(n.fused is None for n in _norms(plain.language_model))
     model = copy.deepcopy(ours_text)
+    quantize(model, "int4")
     lm = model.language_model
     ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(8))
 
@@ -311,5 +316,6 @@ def test_norm_kernels_on_cpu_fp32_decoders_only(ours_text):
     remove_kernels(lm)
     assert all(n.fused is None for n in norms)
     half = copy.deepcopy(ours_text).to(torch.bfloat16)
+    quantize(half, "int4")
     DecoderRunner(half.language_model)
     assert all(n.fused is None for n in _norms(half.language_model))

@@ -19,9 +19,9 @@ on the model as the kernels `model.gemma3.project` calls for each group of linea
 
 Quantized layers (int4, int8, 16-bit) of one group run as one call of their kernel (`GroupedLayers`: the
 input quantized or read once, one parallel loop over all their weights): a small model's decode step is
-mostly per-call costs (85 kernel calls per token at 130M become 49). For the same reason the decoder's RMSNorms
-of a CPU fp32 decoder run as one op each (`native.rms_norm`, ~20 -> ~9 us per norm from Python, 61 per 130M
-step), installed on the norms as `fused`.
+mostly per-call costs (85 kernel calls per token at 130M become 49). For the same reason the RMSNorms of such a
+quantized decoder (fp32 activations, CPU) run as one op each (`native.rms_norm`, ~20 -> ~9 us per norm from
+Python, 61 per 130M step), installed on the norms as `fused`.
 
 Kernels check on every call that the layers are still the ones they were made for (a quantized layer,
 an adapter or a replaced weight runs through its module instead), and are never used with autograd.
@@ -208,7 +208,9 @@ def install_kernels(language_model, *, prepack: bool = False) -> int:
         elif GroupedLayers.fits(group):
             kernel = GroupedLayers(parent, names)
         setattr(parent, attr, kernel)
-    norm = native.rms_norm if _cpu_fp32(language_model) and native.int8_gemv_available() else None
+    # only where the layers already run the native library: a plain fp32 model never waits for its build
+    quantized = any(hasattr(type(m), "group_forward") for m in language_model.layers.modules())
+    norm = native.rms_norm if quantized and _cpu_fp32(language_model) and native.int8_gemv_available() else None
     for module in _norms(language_model):
         module.fused = norm
     return total
