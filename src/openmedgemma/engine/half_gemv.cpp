@@ -21,9 +21,9 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <string>
-#include <vector>
+
+#include "gemv_group.h"
 
 namespace {
 
@@ -118,9 +118,8 @@ at::Tensor half_gemv_group(const at::Tensor& x, at::TensorList w, at::IntArrayRe
               "half_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
   TORCH_CHECK(!w.empty() && w.size() == n.size(), "half_gemv_group: w and n must be lists of the same, non-zero length");
   const bool bf16 = w[0].scalar_type() == at::kBFloat16;
-  const int64_t M = x.size(0), K = x.size(1), parts = w.size();
-  std::vector<int64_t> first_block(parts + 1, 0), first_col(parts + 1, 0);
-  for (int64_t i = 0; i < parts; ++i) {
+  const int64_t M = x.size(0), K = x.size(1);
+  for (size_t i = 0; i < w.size(); ++i) {
     TORCH_CHECK(w[i].dim() == 3 && (bf16 || w[i].scalar_type() == at::kHalf) && w[i].is_contiguous() &&
                     w[i].size(2) == kBlock,
                 "half_gemv: w must be contiguous bfloat16 or float16 blocks [ceil(N / 32), K, 32]");
@@ -128,31 +127,25 @@ at::Tensor half_gemv_group(const at::Tensor& x, at::TensorList w, at::IntArrayRe
     TORCH_CHECK(w[i].size(1) == K, "half_gemv: x has ", K, " columns but w has K = ", w[i].size(1));
     TORCH_CHECK(w[i].size(0) == (n[i] + kBlock - 1) / kBlock, "half_gemv: ", w[i].size(0), " blocks cannot hold N = ",
                 n[i]);
-    first_block[i + 1] = first_block[i] + w[i].size(0);
-    first_col[i + 1] = first_col[i] + n[i];
   }
   const bool wide = isa == "avx512";
   TORCH_CHECK(wide || isa == "avx2", "half_gemv: isa must be 'avx2' or 'avx512', got '", std::string(isa), "'");
   TORCH_CHECK(!wide || cpu_has_avx512(), "half_gemv: isa 'avx512' asked for on a CPU without AVX-512F/BW");
   BlockDot dot = wide ? (bf16 ? &block_dot_avx512<true> : &block_dot_avx512<false>)
                       : (bf16 ? &block_dot_avx2<true> : &block_dot_avx2<false>);
-  const int64_t cols = first_col[parts];
+  const omg::GroupLayout group(w, n);
+  const int64_t cols = group.cols();
   at::Tensor y = at::empty({M, cols}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // Tasks of at least ~32 KB of weights, so a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, K * kBlock));
-  at::parallel_for(0, first_block[parts], grain, [&](int64_t begin, int64_t end) {
+  group.for_each_block(n, kBlock, grain, [&](size_t i, int64_t local, int64_t n0, int64_t width) {
     alignas(64) float sums[kBlock];
-    int64_t i = 0;
-    for (int64_t b = begin; b < end; ++b) {
-      while (b >= first_block[i + 1]) ++i;  // the weight this block belongs to
-      const int64_t local = b - first_block[i], n0 = local * kBlock, width = std::min(kBlock, n[i] - n0);
-      const uint16_t* wp = reinterpret_cast<const uint16_t*>(w[i].data_ptr()) + local * K * kBlock;
-      for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
-        dot(xp + m * K, wp, K, sums);
-        std::copy(sums, sums + width, yp + m * cols + first_col[i] + n0);
-      }
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w[i].data_ptr()) + local * K * kBlock;
+    for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
+      dot(xp + m * K, wp, K, sums);
+      std::copy(sums, sums + width, yp + m * cols + group.first_col[i] + n0);
     }
   });
   return y;

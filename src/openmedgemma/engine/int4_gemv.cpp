@@ -25,6 +25,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "gemv_group.h"
+
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -167,9 +169,8 @@ at::Tensor int4_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList
               "int4_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
   TORCH_CHECK(!w.empty() && w.size() == scale.size() && w.size() == n.size(),
               "int4_gemv_group: w, scale and n must be lists of the same, non-zero length");
-  const int64_t M = x.size(0), K = x.size(1), G = (K + kGroup - 1) / kGroup, parts = w.size();
-  std::vector<int64_t> first_block(parts + 1, 0), first_col(parts + 1, 0);
-  for (int64_t i = 0; i < parts; ++i) {
+  const int64_t M = x.size(0), K = x.size(1), G = (K + kGroup - 1) / kGroup;
+  for (size_t i = 0; i < w.size(); ++i) {
     TORCH_CHECK(w[i].dim() == 3 && w[i].scalar_type() == at::kByte && w[i].is_contiguous() && w[i].size(2) == kChunk,
                 "int4_gemv: w must be contiguous uint8 blocks [ceil(N / 32), ceil(K / 32), 512]");
     TORCH_CHECK(w[i].size(1) == G, "int4_gemv: x has ", K, " columns but w has ", w[i].size(1), " groups of 32");
@@ -178,8 +179,6 @@ at::Tensor int4_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList
     TORCH_CHECK(scale[i].dim() == 3 && scale[i].scalar_type() == at::kHalf && scale[i].is_contiguous() &&
                     scale[i].size(0) == w[i].size(0) && scale[i].size(1) == G && scale[i].size(2) == kBlock,
                 "int4_gemv: scale must be contiguous fp16 [ceil(N / 32), ceil(K / 32), 32]");
-    first_block[i + 1] = first_block[i] + w[i].size(0);
-    first_col[i + 1] = first_col[i] + n[i];
   }
   const BlockFn block = pick(std::string(isa));
   std::vector<QuantRow> rows(M);
@@ -187,23 +186,19 @@ at::Tensor int4_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {  // prefill: many rows
     for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, G, rows[m]);
   });
-  const int64_t cols = first_col[parts];
+  const omg::GroupLayout group(w, n);
+  const int64_t cols = group.cols();
   at::Tensor y = at::empty({M, cols}, x.options());
   float* yp = y.data_ptr<float>();
   // Tasks of at least ~32 KB of weights, so a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / (G * kChunk));
-  at::parallel_for(0, first_block[parts], grain, [&](int64_t begin, int64_t end) {
+  group.for_each_block(n, kBlock, grain, [&](size_t i, int64_t local, int64_t n0, int64_t width) {
     alignas(64) float sums[kBlock];
-    int64_t i = 0;
-    for (int64_t b = begin; b < end; ++b) {
-      while (b >= first_block[i + 1]) ++i;  // the weight this block belongs to
-      const int64_t local = b - first_block[i], n0 = local * kBlock, width = std::min(kBlock, n[i] - n0);
-      const uint8_t* wp = w[i].data_ptr<uint8_t>() + local * G * kChunk;
-      const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale[i].data_ptr<at::Half>()) + local * G * kBlock;
-      for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
-        block(rows[m], wp, sp, G, sums);
-        std::memcpy(yp + m * cols + first_col[i] + n0, sums, width * sizeof(float));
-      }
+    const uint8_t* wp = w[i].data_ptr<uint8_t>() + local * G * kChunk;
+    const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale[i].data_ptr<at::Half>()) + local * G * kBlock;
+    for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
+      block(rows[m], wp, sp, G, sums);
+      std::memcpy(yp + m * cols + group.first_col[i] + n0, sums, width * sizeof(float));
     }
   });
   return y;

@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <vector>
+#include "gemv_group.h"
 
 namespace {
 
@@ -63,9 +63,8 @@ at::Tensor int8_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList
               "int8_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
   TORCH_CHECK(!w.empty() && w.size() == scale.size() && w.size() == n.size(),
               "int8_gemv_group: w, scale and n must be lists of the same, non-zero length");
-  const int64_t M = x.size(0), K = x.size(1), parts = w.size();
-  std::vector<int64_t> first_block(parts + 1, 0), first_col(parts + 1, 0);
-  for (int64_t i = 0; i < parts; ++i) {
+  const int64_t M = x.size(0), K = x.size(1);
+  for (size_t i = 0; i < w.size(); ++i) {
     TORCH_CHECK(w[i].dim() == 3 && w[i].scalar_type() == at::kChar && w[i].is_contiguous() && w[i].size(2) == kBlock,
                 "int8_gemv: w must be contiguous int8 blocks [ceil(N / 32), K, 32]");
     TORCH_CHECK(w[i].size(1) == K, "int8_gemv: x has ", K, " columns but w has K = ", w[i].size(1));
@@ -74,28 +73,22 @@ at::Tensor int8_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList
     TORCH_CHECK(scale[i].dim() == 1 && scale[i].size(0) == n[i] && scale[i].scalar_type() == at::kFloat &&
                     scale[i].is_contiguous(),
                 "int8_gemv: scale must be contiguous fp32 [N]");
-    first_block[i + 1] = first_block[i] + w[i].size(0);
-    first_col[i + 1] = first_col[i] + n[i];
   }
-  const int64_t cols = first_col[parts];
+  const omg::GroupLayout group(w, n);
+  const int64_t cols = group.cols();
   at::Tensor y = at::empty({M, cols}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // Tasks of at least ~64 KB of weights, so a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * kBlock));
-  at::parallel_for(0, first_block[parts], grain, [&](int64_t begin, int64_t end) {
+  group.for_each_block(n, kBlock, grain, [&](size_t i, int64_t local, int64_t n0, int64_t width) {
     alignas(32) float sums[kBlock];
-    int64_t i = 0;
-    for (int64_t b = begin; b < end; ++b) {
-      while (b >= first_block[i + 1]) ++i;  // the weight this block belongs to
-      const int64_t local = b - first_block[i], n0 = local * kBlock, width = std::min(kBlock, n[i] - n0);
-      const int8_t* wp = w[i].data_ptr<int8_t>() + local * K * kBlock;
-      const float* sp = scale[i].data_ptr<float>() + n0;
-      for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
-        block_dot(xp + m * K, wp, K, sums);
-        float* out = yp + m * cols + first_col[i] + n0;
-        for (int64_t j = 0; j < width; ++j) out[j] = sums[j] * sp[j];
-      }
+    const int8_t* wp = w[i].data_ptr<int8_t>() + local * K * kBlock;
+    const float* sp = scale[i].data_ptr<float>() + n0;
+    for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
+      block_dot(xp + m * K, wp, K, sums);
+      float* out = yp + m * cols + group.first_col[i] + n0;
+      for (int64_t j = 0; j < width; ++j) out[j] = sums[j] * sp[j];
     }
   });
   return y;

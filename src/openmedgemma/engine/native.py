@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp")  # one library, each registers its own ops
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
+HEADERS = (Path(__file__).with_name("gemv_group.h"),)  # included by the sources: part of the build's cache key
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
 
 
@@ -124,7 +125,7 @@ def _build() -> Path:
         flags += ["-undefined", "dynamic_lookup"]  # Apple clang has no OpenMP: at::parallel_for runs serially
     else:
         flags.append("-fopenmp")  # at::parallel_for inlines OpenMP; libgomp.so.1 resolves to torch's, loaded
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS)
                          + repr((torch.__version__, str(torch_dir), cxx, flags)).encode())  # fmt: skip
     target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
