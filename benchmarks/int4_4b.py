@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from generate import _proc_status  # noqa: E402
 from machine import describe  # noqa: E402
 
 from openmedgemma import MedGemma  # noqa: E402
@@ -30,8 +31,7 @@ from openmedgemma.engine.quant import quantized_head  # noqa: E402
 
 def status(key: str) -> float:
     """A /proc/self/status memory line in GB (VmRSS, VmHWM)."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
-    return int(line.split()[1]) * 1024 / 1e9
+    return _proc_status(key) / 1e9
 
 
 def main() -> None:

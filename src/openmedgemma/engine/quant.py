@@ -85,7 +85,8 @@ class Int8Linear(nn.Module):
         None otherwise (then each layer runs)."""
         x2 = x.reshape(-1, layers[0].in_features)
         first = layers[0]
-        if first._packed is not None or first.weight_int8.dim() != 3 or x2.shape[0] > FUSED_MAX_ROWS or x.device.type != "cpu":
+        blocked = first._packed is None and first.weight_int8.dim() == 3  # the native kernel's layout
+        if not blocked or x2.shape[0] > FUSED_MAX_ROWS or x.device.type != "cpu":
             return None
         y = torch.ops.openmedgemma.int8_gemv_group(x2.float().contiguous(), [m.weight_int8 for m in layers],
                                                    [m.scale.float() for m in layers], [m.out_features for m in layers])

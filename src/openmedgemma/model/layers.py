@@ -36,16 +36,17 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
         """gain: another (1 + w) broadcast over x's last dims (q and k heads normed together take both gains)."""
-        h = x.float()
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: the reference's exact ops
             gain = self.gain() if gain is None else gain
+            h = x.float()
             return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * gain).to(x.dtype)
         # the same in fewer ops (sum * (1 / n) + eps in one, in place): a decode step runs hundreds of norms
         held = self._held(self._parameters["weight"])
-        if self.fused is not None:  # one op instead of seven (engine.fast installs it on CPU fp32 decoders)
+        if self.fused is not None:  # one op instead of seven (engine.fast installs it in quantized CPU fp32 decoders)
             y = self.fused(x, held[3] if gain is None else gain, self.eps)
             if y is not None:
                 return y
+        h = x.float()
         r = torch.add(held[4], (h * h).sum(-1, keepdim=True), alpha=1.0 / h.shape[-1]).rsqrt_()
         out = (h * r).mul_(held[3] if gain is None else gain)
         return out if out.dtype == x.dtype else out.to(x.dtype)
@@ -72,14 +73,6 @@ class RotaryTable(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [B, T, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """sin with the half-rotation's sign folded in ([-sin, sin] halves), for `rotate`."""
     half = sin.shape[-1] // 2
@@ -87,6 +80,6 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """`apply_rotary` in four ops: x * cos + roll(x, half) * signed sin (tables broadcast to x). The same roundings
+    """NeoX-style RoPE in four ops: x * cos + roll(x, half) * signed sin (tables broadcast to x). The same roundings
     as the reference's x * cos + cat(-x2, x1) * sin (a sign flip is exact; no fused multiply-add)."""
     return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_signed
