@@ -88,9 +88,14 @@ def test_layer_holds_16_bit_weights_and_its_paths_agree(kernel, mode):
     assert prefill.shape == decode.shape == (2, 12, 90) and prefill.dtype == torch.float32
     ref = x.double() @ exact.T
     torch.testing.assert_close(decode.double(), ref, atol=1e-4, rtol=1e-4)
-    # prefill: fp32 BLAS, or on native-bf16 CPUs a bf16 GEMM (activations rounded to bf16 as well: 2^-9)
-    tol = dict(atol=0.05, rtol=0.02) if layer.bf16_gemm else dict(atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(prefill.double(), ref, **tol)
+    # prefill: fp32 BLAS, or on native-bf16 CPUs a bf16 GEMM with the activations rounded to bf16 as well (each
+    # by at most 2^-8 relative): bounded by 2^-8 sum_k |x_k w_k| (+ fp32 sums), not by a fixed tolerance, which
+    # random inputs exceed now and then
+    if layer.bf16_gemm:
+        bound = (x.double().abs() @ exact.abs().T) * 2**-8 * 1.01 + 1e-5
+        assert ((prefill.double() - ref).abs() <= bound).all()
+    else:
+        torch.testing.assert_close(prefill.double(), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(layer.dense_matmul(x.reshape(-1, 70), torch.float32).double(), ref.reshape(-1, 90),
                                atol=1e-4, rtol=1e-4)  # fmt: skip
 
