@@ -319,3 +319,42 @@ def test_norm_kernels_on_quantized_cpu_fp32_decoders_only(ours_text):
     quantize(half, "int4")
     DecoderRunner(half.language_model)
     assert all(n.fused is None for n in _norms(half.language_model))
+
+
+def test_decode_attention_kernel_gives_the_sdpa_tokens(ours_text):
+    """A quantized CPU fp32 decoder attends through `native.decode_attention` at decode (one call per layer per
+    step, none at prefill), with the tokens SDPA gives, over a left-padded batch whose sliding layers wrap their
+    ring; a plain fp32 and a bf16 decoder keep SDPA; `remove_kernels` takes it off."""
+    from openmedgemma.engine import native, quantize
+    from openmedgemma.engine.fast import remove_kernels
+
+    plain = copy.deepcopy(ours_text)
+    DecoderRunner(plain.language_model)
+    assert all(layer.self_attn.attend is None for layer in plain.language_model.layers)
+    model = copy.deepcopy(ours_text)
+    quantize(model, "int4")
+    lm = model.language_model
+    decoder = DecoderRunner(lm)
+    if not native.int8_gemv_available():
+        assert not in_ci(), "the CPU kernels did not build in CI"
+        return
+    assert all(layer.self_attn.attend is native.decode_attention for layer in lm.layers)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (lm.config.sliding_window + 5, 5)]
+    config = GenerationConfig(max_new_tokens=12)
+    calls = []
+    for layer in lm.layers:
+        layer.self_attn.attend = lambda *a: calls.append(a[0].shape) or native.decode_attention(*a)
+    got = generate_ids(model, prompts, None, config, fast=decoder)
+    assert len(calls) == 11 * len(lm.layers) and all(shape == (2, lm.config.num_attention_heads, 1, lm.config.head_dim)
+                                                     for shape in calls)  # fmt: skip
+    for layer in lm.layers:
+        layer.self_attn.attend = None
+    assert got == generate_ids(model, prompts, None, config, fast=decoder)
+    DecoderRunner(lm)
+    remove_kernels(lm)
+    assert all(layer.self_attn.attend is None for layer in lm.layers)
+    half = copy.deepcopy(ours_text).to(torch.bfloat16)
+    quantize(half, "int4")
+    DecoderRunner(half.language_model)
+    assert all(layer.self_attn.attend is None for layer in half.language_model.layers)

@@ -150,3 +150,62 @@ def test_rms_norm_kernel_declines_what_it_does_not_take_and_refuses_bad_gains(ke
     with pytest.raises(RuntimeError, match="a gain of 2 rows needs x"):
         torch.ops.openmedgemma.rms_norm(torch.randn(3, 8), gain, 1e-6)
     torch.library.opcheck(torch.ops.openmedgemma.rms_norm.default, (torch.randn(2, 2, 8), gain, 1e-6))
+
+
+# ------------------------------------------------------------------ decode attention (attention.cpp)
+
+
+def _attention_reference(q, k, v, mask, scale):
+    """float64 softmax(scale q k^T over allowed keys) v, the KV heads shared by Hq / Hkv query heads each."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize(
+    ("b", "hq", "hkv", "s", "d", "mask"),
+    [(1, 6, 3, 257, 128, "prefix"), (2, 4, 4, 9, 20, "per-row"), (3, 8, 2, 33, 64, None), (2, 2, 1, 1, 8, "prefix")],
+)
+def test_decode_attention_equals_softmax_attention(kernel, b, hq, hkv, s, d, mask):
+    """One query per row over a cache slice (strided k / v, q a slice of q and k side by side, as the model has
+    them), GQA without repeating the cache, masks shared by the rows or per row: float64 softmax attention and
+    torch's SDPA, to fp32 rounding."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(b * 100 + s)
+    q = torch.randn(b, hq + hkv, 1, d, generator=gen)[:, :hq]
+    k = torch.randn(b, hkv, s + 7, d, generator=gen)[:, :, :s]  # a cache with room left
+    v = torch.randn(b, hkv, s + 7, d, generator=gen)[:, :, :s]
+    if mask == "prefix":
+        mask = (torch.arange(s) <= s * 2 // 3)[None, None, None]
+    elif mask == "per-row":
+        mask = torch.rand(b, 1, 1, s, generator=gen) < 0.6
+        mask[..., -1] = True  # a decode row always sees its own key
+    out = native.decode_attention(q, k, v, mask, 0.3)
+    assert out.shape == (b, hq, 1, d) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), _attention_reference(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-6)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=hq != hkv)
+    torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_declines_what_it_does_not_take_and_refuses_bad_shapes(kernel):
+    q, k, mask = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16), torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    out = native.decode_attention(q, k, k, mask, 0.25)
+    none = mask.clone()
+    none[0, 0, 0, :] = False  # no key allowed: zeros, not NaN
+    assert torch.equal(native.decode_attention(q, k, k, none, 0.25), torch.zeros_like(out))
+    assert native.decode_attention(torch.randn(1, 4, 2, 16), k, k, None, 0.25) is None  # prefill: SDPA runs it
+    assert native.decode_attention(q.bfloat16(), k.bfloat16(), k.bfloat16(), None, 0.25) is None
+    assert native.decode_attention(q, k, k, mask.float(), 0.25) is None  # additive masks: SDPA
+    assert native.decode_attention(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), k, None, 0.25) is None
+    ops = torch.ops.openmedgemma
+    with pytest.raises(RuntimeError, match=r"mask must be boolean \[1 or B, 1, 1, S\] with S = 5"):
+        ops.decode_attention(q, k, k, torch.ones(1, 1, 1, 6, dtype=torch.bool), 0.25)
+    with pytest.raises(RuntimeError, match="3 query heads do not share 2 KV heads"):
+        ops.decode_attention(q[:, :3], k, k, None, 0.25)
+    with pytest.raises(RuntimeError, match="one query per row"):
+        ops.decode_attention(torch.randn(1, 4, 2, 16), k, k, None, 0.25)
+    torch.library.opcheck(ops.decode_attention.default, (q, k, torch.randn(1, 2, 5, 16), mask, 0.25))

@@ -21,7 +21,8 @@ Quantized layers (int4, int8, 16-bit) of one group run as one call of their kern
 input quantized or read once, one parallel loop over all their weights): a small model's decode step is
 mostly per-call costs (85 kernel calls per token at 130M become 49). For the same reason the RMSNorms of such a
 quantized decoder (fp32 activations, CPU) run as one op each (`native.rms_norm`, ~20 -> ~9 us per norm from
-Python, 61 per 130M step), installed on the norms as `fused`.
+Python, 61 per 130M step), installed on the norms as `fused`, and its decode steps attend through
+`native.decode_attention` (installed as `attend`; torch's CPU SDPA reads the cache at ~5 GB/s for one query).
 
 Kernels check on every call that the layers are still the ones they were made for (a quantized layer,
 an adapter or a replaced weight runs through its module instead), and are never used with autograd.
@@ -211,6 +212,8 @@ def install_kernels(language_model, *, prepack: bool = False) -> int:
     norm = native.rms_norm if quantized and _cpu_fp32(language_model) and native.int8_gemv_available() else None
     for module in _norms(language_model):
         module.fused = norm
+    for layer in language_model.layers:
+        layer.self_attn.attend = native.decode_attention if norm else None
     return total
 
 
@@ -228,6 +231,8 @@ def remove_kernels(language_model) -> None:
         setattr(parent, attr, None)
     for module in _norms(language_model):
         module.fused = None
+    for layer in language_model.layers:
+        layer.self_attn.attend = None
 
 
 class DecoderRunner:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp")  # one library, each registers its own ops
+KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp", "attention.cpp")  # one library, each registers its own ops
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 HEADERS = (Path(__file__).with_name("gemv_group.h"),)  # included by the sources: part of the build's cache key
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
@@ -71,6 +71,18 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor | 
     return torch.ops.openmedgemma.rms_norm(x, gain, eps)
 
 
+def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor | None:
+    """Attention of one query per row over the cache (`attention.cpp`; engine.fast installs it): fp32 CPU
+    q [B, Hq, 1, D], k / v [B, Hkv, S, D], mask None or boolean [1 or B, 1, 1, S]; else None (SDPA runs)."""
+    if q.shape[2] != 1 or q.dtype != torch.float32 or q.device.type != "cpu" or k.dtype != torch.float32:
+        return None
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1)):
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    return torch.ops.openmedgemma.decode_attention(q, k, v, mask, scale)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("OPENMEDGEMMA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "openmedgemma"
     return Path(root).expanduser() / "kernels"
@@ -91,6 +103,7 @@ def int8_gemv_available() -> bool:
         return False
     torch.library.register_fake("openmedgemma::int8_gemv")(_fake)
     torch.library.register_fake("openmedgemma::rms_norm")(lambda x, gain, eps: torch.empty_like(x))
+    torch.library.register_fake("openmedgemma::decode_attention")(lambda q, k, v, mask, scale: q.new_empty(q.shape))
     torch.library.register_fake("openmedgemma::int8_gemv_group")(lambda x, w, scale, n: x.new_empty((x.shape[0], sum(n))))
     return True
 

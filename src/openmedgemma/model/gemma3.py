@@ -30,6 +30,7 @@ class GemmaAttention(nn.Module):
         self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qkv_kernel = self.o_kernel = None  # optional fused matmuls an engine installs (see `project`)
+        self.attend = None  # optional decode attention an engine installs: attend(q, k, v, mask, scale) -> out or None
         self._qk_gain: tuple | None = None
 
     def qk_gain(self) -> torch.Tensor:
@@ -52,7 +53,11 @@ class GemmaAttention(nn.Module):
         v = qkv[..., (heads + kv) * dim :].view(b, t, kv, dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=kv != heads)
+        out = None
+        if self.attend is not None and t == 1 and not torch.is_grad_enabled():  # one query per row: decode
+            out = self.attend(q, k, v, mask, self.scale)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=kv != heads)
         return project(out.transpose(1, 2).reshape(b, t, heads * dim), (self.o_proj,), self.o_kernel)
 
 
