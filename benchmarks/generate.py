@@ -228,7 +228,7 @@ def bench_config(name: str, args, folder: Path) -> dict:
             t = time.perf_counter()
             for n in (2, 3, args.new):
                 runners["ours-compiled"](n)
-            print(f"ours-compiled: first decode step compiled in {decoder.compile_seconds:.1f} s; warm-up "
+            print(f"ours-compiled: decode step compiled ({decoder.compiled_by}) in {decoder.compile_seconds:.1f} s; warm-up "
                   f"(3 generations, recompiles included) {time.perf_counter() - t:.1f} s", flush=True)
             report.setdefault("compile_seconds", {})[f"batch{batch}"] = decoder.compile_seconds
         runners["transformers"] = hf_run

@@ -130,7 +130,8 @@ def bench_small(name: str, args, folder: Path) -> dict:
             t = time.perf_counter()
             for n in (2, 3, args.new):
                 ours_run(model, head, fast)(n)
-            print(f"{label}: compiled in {fast.compile_seconds:.1f} s ({time.perf_counter() - t:.1f} s with warm-up)")
+            print(f"{label}: compiled ({fast.compiled_by}) in {fast.compile_seconds:.1f} s ({time.perf_counter() - t:.1f} s "
+                  "with warm-up)")  # fmt: skip
 
     # numerics: greedy tokens and the last prompt position's logits against transformers fp32
     torch.set_num_threads(1)

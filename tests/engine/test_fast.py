@@ -105,17 +105,19 @@ def _causal(lm, t):
     return {FULL: mask, SLIDING: sliding}
 
 
+@pytest.mark.parametrize("backend", [True, "dynamo"], ids=["aot", "torch.compile"])
 @pytest.mark.parametrize("rows", [1, 2], ids=["one-prompt", "left-padded-batch"])
-def test_compiled_decode_gives_the_eager_tokens(ours_text, rows):
-    """compile=True (torch.compile of the decode step) against the uncompiled decoder, greedy: one prompt,
-    and a left-padded batch (the masked path). Small, so that each compiles in well under a minute."""
+def test_compiled_decode_gives_the_eager_tokens(ours_text, rows, backend):
+    """compile=True (on the CPU: exported and compiled ahead of time) and compile="dynamo" (torch.compile)
+    against the uncompiled decoder, greedy: one prompt, and a left-padded batch (the masked path)."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (21, 13)][:rows]
     config = GenerationConfig(max_new_tokens=20)
-    decoder = DecoderRunner(ours_text.language_model, compile=True)
+    decoder = DecoderRunner(ours_text.language_model, compile=backend)
     expected = generate_ids(ours_text, prompts, None, config)
     assert generate_ids(ours_text, prompts, None, config, fast=decoder) == expected
-    assert decoder._compiled is not None and decoder.compile_seconds > 0
+    assert decoder.compiled_by == ("aot" if backend is True else "torch.compile")
+    assert (decoder._compiled is None) == (backend is True) and decoder.compile_seconds > 0
 
 
 def test_compile_needs_the_fast_decoder(ours_text, engine):
@@ -123,7 +125,7 @@ def test_compile_needs_the_fast_decoder(ours_text, engine):
         Engine(engine.model, engine.tokenizer, fast=False, compile=True)
 
 
-def _compiled_quantized(ours_text, mode: str, prompt_len: int, seed: int):
+def _compiled_quantized(ours_text, mode: str, prompt_len: int, seed: int, backend: bool | str = True):
     """A `mode`-quantized copy compiled (DecoderRunner(compile=True)): its compiled greedy tokens are the eager
     ones, with no graph break. Returns (model, decoder, run) with run() -> the tokens through the decoder."""
     from torch._dynamo.utils import counters
@@ -135,7 +137,7 @@ def _compiled_quantized(ours_text, mode: str, prompt_len: int, seed: int):
     prompts = [torch.randint(3, 90, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()]
     config = GenerationConfig(max_new_tokens=10)
     expected = generate_ids(model, prompts, None, config)
-    decoder = DecoderRunner(model.language_model, compile=True)
+    decoder = DecoderRunner(model.language_model, compile=backend)
     counters.clear()
     assert generate_ids(model, prompts, None, config, fast=decoder) == expected  # compiles
     assert not counters["graph_break"], dict(counters["graph_break"])
@@ -147,7 +149,8 @@ def test_compiled_decode_runs_the_int8_kernel(ours_text):
     in the decode step and gives the eager int8 tokens."""
     from openmedgemma.engine import native
 
-    model, _, _ = _compiled_quantized(ours_text, "int8", 17, 2)
+    model, decoder, _ = _compiled_quantized(ours_text, "int8", 17, 2, "dynamo")
+    assert decoder.compiled_by == "torch.compile"
     # the kernel packs its weights in blocks; where it is missing the check is skipped, but never in CI
     assert native.int8_gemv_available() or not in_ci(), "the int8 CPU kernel did not build in CI"
     if native.int8_gemv_available():
@@ -244,11 +247,12 @@ def test_quantized_groups_run_as_one_call_and_step_aside_when_replaced(ours_text
 
 
 def test_compiled_int4_decode_runs_one_call_per_group(ours_text, kernel):
-    """torch.compile traces the grouped kernel (no graph break): per layer, one call for q/k/v, one for gate/up,
-    one each for o and down, and the eager int4 tokens."""
+    """The step compiled ahead of time runs the grouped kernel: per layer, one call for q/k/v, one for gate/up,
+    one each for o and down, and gives the eager int4 tokens."""
     from torch.profiler import profile
 
-    model, _, run = _compiled_quantized(ours_text, "int4", 15, 4)
+    model, decoder, run = _compiled_quantized(ours_text, "int4", 15, 4)
+    assert decoder.compiled_by == "aot"
     with profile() as prof:
         assert run()
     calls = {e.key: e.count for e in prof.key_averages()}
@@ -274,7 +278,7 @@ def test_each_compiled_runner_keeps_its_own_compiled_code(ours_text):
     with torch._dynamo.config.patch(recompile_limit=1):
         counters.clear()
         for model in (copy.deepcopy(ours_text), quantized):
-            decoder = DecoderRunner(model.language_model, compile=True)
+            decoder = DecoderRunner(model.language_model, compile="dynamo")
             expected = generate_ids(model, prompts, None, config)
             assert generate_ids(model, prompts, None, config, fast=decoder) == expected
             with profile() as prof:

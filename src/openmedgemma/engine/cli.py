@@ -94,9 +94,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--int8", action="store_true", help="as --quantize int8")
     parser.add_argument("--quantize", metavar="MODE", default=None, help=QUANTIZE_HELP)
-    parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile: the "
-                        "first answer waits for it (5-30 s on a CPU), later tokens come faster (130M-shape int4 on "
-                        "one CPU core: 1.3x; see benchmarks/RESULTS.md); worth it for chat and long answers")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (on a CPU ahead of time, "
+                        "kept on disk: the first run for a model shape and format waits ~30 s, later runs load it); "
+                        "tokens then come faster (see benchmarks/RESULTS.md); worth it for chat and long answers")  # fmt: skip
     parser.add_argument("--show-thinking", action="store_true", help="also print the model's thinking block")
 
 

@@ -159,8 +159,10 @@ class Engine:
     one line on stderr says which kernels were chosen for this CPU and why.
     max_batch_size: conversations generated together (sorted by length, so padding stays small).
     prefill_chunk: prompt tokens per prefill step (bounds activation memory for long prompts).
-    compile: run decode steps through `torch.compile` (opt-in: the first step compiles, tens of seconds
-    on CPU; `decoder.compile_seconds` says how long). Needs fast=True.
+    compile: run decode steps compiled (opt-in: the first step compiles, tens of seconds on CPU;
+    `decoder.compile_seconds` says how long): on the CPU ahead of time (torch.export + AOTInductor, kept on
+    disk for later processes), else through `torch.compile`; "aot" / "dynamo" choose (`engine.fast`). Needs
+    fast=True.
     relayout_weights: CPU fp32 only: re-lay out the decoder's linear weights in place so that a decode step's
     1-row matmuls stream them fastest and q/k/v and gate/up each run as one matmul (`engine.fast`; same
     values, no copy; `model.state_dict()` still gives contiguous tensors in the official layout). On by default.
@@ -187,7 +189,7 @@ class Engine:
         quantize: str | None = None,
         image_cache_size: int = 256,
         fast: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
         prepack_weights: bool = False,
         relayout_weights: bool = True,
         vision_batch: int = VISION_BATCH,

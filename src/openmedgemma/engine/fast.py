@@ -14,8 +14,10 @@ on the model as the kernels `model.gemma3.project` calls for each group of linea
   - `prepack` (CPU fp32): a second copy of the linear weights in oneDNN's blocked layout for steps of
     several rows. MKL's sgemm re-packs a whole weight on every call with 2+ rows (768 x 6144: 2.1 ms at
     4 rows against 0.46 ms at 1); oneDNN's prepacked linear takes 0.26 ms. Continuous batching needs it.
-  - `compile`: the decode step through `torch.compile` (inductor's C++ on CPU), traced once over the whole
-    preallocated cache (masks from the step index, a tensor), so its shapes stay static as the cache fills.
+  - `compile`: the decode step compiled over the whole preallocated cache (masks from the step index, a
+    tensor), so its shapes stay static as the cache fills. On the CPU ahead of time (`engine.aot`: torch.export
+    + AOTInductor, one C++ function per step, no per-step guards or Python wrapper); elsewhere, or where the
+    export fails, through `torch.compile` (inductor).
 
 Quantized layers (int4, int8, 16-bit) of one group run as one call of their kernel (`GroupedLayers`: the
 input quantized or read once, one parallel loop over all their weights): a small model's decode step is
@@ -30,6 +32,7 @@ an adapter or a replaced weight runs through its module instead), and are never 
 
 from __future__ import annotations
 
+import sys
 import time
 import types
 
@@ -38,6 +41,7 @@ from torch import nn
 
 from openmedgemma.config import FULL, SLIDING
 from openmedgemma.engine import native
+from openmedgemma.engine.aot import AotDecodeStep, AotUnavailable
 
 
 def _groups(language_model):
@@ -239,18 +243,23 @@ class DecoderRunner:
     """How the engine runs the decoder: the model's own forward, with the options above.
 
     relayout: `relayout_weights` (CPU fp32; on by default: same values, `state_dict()` unchanged);
-    prepack: oneDNN copies for multi-row steps (memory: `prepacked_bytes`); compile: `torch.compile` the
-    decode step (`compile_seconds` says how long the first step took). Without relayout and prepack the
+    prepack: oneDNN copies for multi-row steps (memory: `prepacked_bytes`); compile: compile the decode step,
+    True (ahead of time on the CPU, else torch.compile), "aot" or "dynamo" (torch.compile) to choose;
+    `compile_seconds` says how long compiling took, `compiled_by` which ran. Without relayout and prepack the
     model runs exactly as `language_model(...)` does.
     """
 
-    def __init__(self, language_model, *, compile: bool = False, prepack: bool = False, relayout: bool = True):
+    def __init__(self, language_model, *, compile: bool | str = False, prepack: bool = False, relayout: bool = True):
+        if compile not in (False, True, "aot", "dynamo"):
+            raise ValueError(f"compile must be True, False, 'aot' or 'dynamo', got {compile!r}")
         self.lm = language_model
         if relayout:
             relayout_weights(language_model)
         self.prepack = prepack and onednn_prepack_available(language_model)
         self.prepacked_bytes = install_kernels(language_model, prepack=self.prepack)
         self.compile = compile
+        self._aot: AotDecodeStep | None | bool = None if compile in (True, "aot") else False  # False: torch.compile
+        self.compiled_by: str | None = None  # "aot" or "torch.compile", once a compiled step ran
         self._compiled = None
         self.compile_seconds = 0.0
 
@@ -261,17 +270,32 @@ class DecoderRunner:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, masks: dict, kv_cache) -> torch.Tensor:
         """One token per row: tokens [B], positions [B, 1] -> normed hidden states [B, H]."""
         if self.compile:
-            return self._compiled_decode(tokens, positions, kv_cache)
+            out = self._compiled_decode(tokens, positions, kv_cache)
+            if out is not None:  # None: the model changed since the ahead-of-time compile (see engine/aot.py)
+                return out
         return self.lm(self.lm.embed(tokens[:, None]), positions, masks, kv_cache)[:, -1]
 
     # ------------------------------------------------------------------ compiled decode
 
     def _compiled_decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache) -> torch.Tensor:
-        """`decode` through torch.compile; `kv_cache.begin` has run (it keeps the slot bookkeeping)."""
+        """`decode` compiled (None: the model changed since, run it eagerly); `kv_cache.begin` has run (it keeps the
+        slot bookkeeping)."""
         step = torch.tensor([kv_cache.length - 1], device=tokens.device)  # time step of this token (a tensor:
         # a Python int would be baked into the graph and recompile every step)
         valid = (kv_cache.valid, kv_cache.ring_valid) if kv_cache.padded else None
         args = (tokens, positions, step, kv_cache.keys, kv_cache.values, valid)
+        if self._aot is None and tokens.device.type == "cpu" and min(kv_cache.capacity, kv_cache.ring) >= 2:
+            self._aot = AotDecodeStep(self)
+        if self._aot:
+            try:
+                out = self._aot(*args)
+                self.compile_seconds = self._aot.seconds
+                self.compiled_by = "aot" if out is not None else None
+                return out
+            except AotUnavailable as err:  # torch.compile instead
+                print(f"openmedgemma: the decode step is compiled with torch.compile instead of ahead of time ({err})",
+                      file=sys.stderr)  # fmt: skip
+                self._aot = False
         if self._compiled is None:  # dynamic shapes: other batch sizes / cache capacities reuse it
             # dynamo keeps compiled code per code object and, past `recompile_limit` (8) entries, silently runs it
             # eagerly; every runner (its own model: other layer types, shapes) compiles a private copy of the
@@ -282,6 +306,7 @@ class DecoderRunner:
             t = time.perf_counter()
             out = self._compiled(*args)  # the first call builds it
             self.compile_seconds = time.perf_counter() - t
+            self.compiled_by = "torch.compile"
             return out
         return self._compiled(*args)
 

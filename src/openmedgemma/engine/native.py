@@ -33,6 +33,7 @@ KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp", "a
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 HEADERS = (Path(__file__).with_name("gemv_group.h"),)  # included by the sources: part of the build's cache key
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
+LOADED: Path | None = None  # the library file this process loaded (its name hashes the sources), if any
 
 
 class NativeBuildError(RuntimeError):
@@ -91,10 +92,13 @@ def cache_dir() -> Path:
 @functools.cache
 def int8_gemv_available() -> bool:
     """Load the kernel, building it first if this machine has no cached build; False (said once) if it cannot."""
+    global LOADED
     reason = _unsupported()
     if reason is None:
         try:
-            torch.ops.load_library(str(_build()))
+            path = _build()
+            torch.ops.load_library(str(path))
+            LOADED = path
         except (NativeBuildError, OSError, RuntimeError) as err:
             reason = str(err)
     if reason is not None:
