@@ -11,8 +11,8 @@ What the guards did is done here, cheaper: each step checks (identity checks, ~0
 parameter, buffer and installed kernel is still the object it was at export, with the same storage. If not
 (a layer was replaced, adapters added, kernels removed), the step says so once and runs eagerly from then on.
 
-One artifact per batch size and mask kind (with / without padding), for any cache capacity (a dynamic
-dimension). Built once (~30 s at 130M) and kept in `$OPENMEDGEMMA_CACHE/aoti/`, named by a hash of the
+One artifact per batch size, mask kind (with / without padding) and thread count, for any cache capacity
+(a dynamic dimension). Built once (~30 s at 130M) and kept in `$OPENMEDGEMMA_CACHE/aoti/`, named by a hash of the
 exported graph and the weights' layout: a later process with the same architecture, format and kernels
 loads it in well under a second. The package holds no weights.
 """
@@ -20,10 +20,12 @@ loads it in well under a second. The package holds no weights.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,27 +50,34 @@ class _Step(nn.Module):
         return type(runner)._static_step(runner, tokens, positions, step, keys, values, valid)
 
 
-def _snapshot(lm: nn.Module) -> list[tuple]:
-    """(dict, key, object, data pointer or None) for every submodule, parameter, buffer and installed kernel hook:
-    what the compiled step assumed. Checked with `_unchanged` before each step."""
-    items = []
-    for module in lm.modules():
-        items += [(module._modules, k, v, None) for k, v in module._modules.items()]
-        items += [(module._parameters, k, v, None if v is None else v.data_ptr()) for k, v in module._parameters.items()]
-        items += [(module._buffers, k, v, None if v is None else v.data_ptr()) for k, v in module._buffers.items()]
-        hooks = ("qkv_kernel", "o_kernel", "gate_up_kernel", "down_kernel", "attend", "fused")
-        items += [(module.__dict__, k, module.__dict__[k], None) for k in hooks if k in module.__dict__]
-    return items
+class _Snapshot:
+    """Every submodule, parameter, buffer and installed kernel hook of the decoder, and where each tensor's data
+    lives: what the compiled step assumed. `unchanged()` checks them all (identity and data pointers, C loops)."""
 
+    HOOKS = ("qkv_kernel", "o_kernel", "gate_up_kernel", "down_kernel", "attend", "fused")
 
-def _unchanged(items: list[tuple]) -> bool:
-    for d, key, obj, ptr in items:
-        now = d.get(key)
-        if now is not obj and not _same_kernel(now, obj):
-            return False
-        if ptr is not None and obj.data_ptr() != ptr:
-            return False
-    return True
+    def __init__(self, lm: nn.Module):
+        self.slots, self.objects, self.tensors = [], [], []
+        for module in lm.modules():
+            for d in (module._modules, module._parameters, module._buffers):
+                for key, value in d.items():
+                    self.slots.append((d, key))
+                    self.objects.append(value)
+                    if isinstance(value, torch.Tensor):
+                        self.tensors.append(value)
+            for key in self.HOOKS:
+                if key in module.__dict__:
+                    self.slots.append((module.__dict__, key))
+                    self.objects.append(module.__dict__[key])
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+
+    def unchanged(self) -> bool:
+        now = [d.get(key) for d, key in self.slots]
+        if not all(map(operator.is_, now, self.objects)):
+            # another runner of the same model installs new but equal kernels; anything else is a change
+            if not all(a is b or _same_kernel(a, b) for a, b in zip(now, self.objects)):
+                return False
+        return [t.data_ptr() for t in self.tensors] == self.ptrs
 
 
 def _same_kernel(a, b) -> bool:
@@ -98,20 +107,20 @@ class AotDecodeStep:
     def __init__(self, runner):
         self.module = _Step(runner)
         self.compiled: dict[tuple, object] = {}
-        self.snapshot: list[tuple] | None = None
+        self.snapshot: _Snapshot | None = None
         self.stale = False
         self.seconds = 0.0  # building or loading, all artifacts
 
     def __call__(self, tokens, positions, step, keys, values, valid) -> torch.Tensor | None:
         if self.stale:
             return None
-        if self.snapshot is not None and not _unchanged(self.snapshot):
+        if self.snapshot is not None and not self.snapshot.unchanged():
             self.stale = True
             self.compiled.clear()
             print("openmedgemma: the model changed since its decode step was compiled (a layer, weight or kernel was "
                   "replaced); decode steps run uncompiled from now on", file=sys.stderr)  # fmt: skip
             return None
-        key = (tokens.shape[0], valid is not None)
+        key = (tokens.shape[0], valid is not None, torch.get_num_threads())
         run = self.compiled.get(key)
         if run is None:
             t = time.perf_counter()
@@ -135,20 +144,26 @@ class AotDecodeStep:
         except Exception as err:  # noqa: BLE001 - any export failure: the caller keeps torch.compile
             raise AotUnavailable(f"torch.export: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
         if self.snapshot is None:
-            self.snapshot = _snapshot(self.module.lm)
+            self.snapshot = _Snapshot(self.module.lm)
         state = dict(self.module.named_parameters(remove_duplicate=False))
         state.update(self.module.named_buffers(remove_duplicate=False))
         layout = sorted((name, str(t.dtype), tuple(t.shape), t.stride()) for name, t in state.items())
         from openmedgemma.engine import native
 
-        key = hashlib.sha256(repr((program.graph_module.code, str(program.graph_signature), layout, torch.__version__,
-                                   str(native.LOADED), args[0].shape[0], valid is None)).encode())  # fmt: skip
+        inputs = [(str(a.dtype), a.dim()) for a in (tokens, positions, step, *keys, *values, *(valid or ()))]
+        # inductor's own loops are built for this many threads; the graph's code does not show it
+        key = hashlib.sha256(repr((program.graph_module.code, str(program.graph_signature), layout, inputs,
+                                   torch.__version__, str(native.LOADED), torch.get_num_threads())).encode())  # fmt: skip
         path = cache_dir() / f"decode-step-{key.hexdigest()[:20]}.pt2"
         if not path.exists():
-            print(f"openmedgemma: compiling the decode step ahead of time (once per model shape, format and batch "
-                  f"size, ~30 s) into {path.parent}", file=sys.stderr)  # fmt: skip
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
+            print(f"openmedgemma: compiling the decode step ahead of time (once per model shape, format, batch size "
+                  f"and thread count, ~30 s) into {path.parent}", file=sys.stderr)  # fmt: skip
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
+            except OSError:  # e.g. a read-only home: for this process only
+                path = Path(tempfile.mkdtemp(prefix="openmedgemma-aoti-")) / path.name
+                fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
             os.close(fd)
             try:
                 torch._inductor.aoti_compile_and_package(
