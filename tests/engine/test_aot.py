@@ -36,6 +36,12 @@ def test_compiled_once_kept_on_disk_and_eager_once_the_model_changes(ours_text, 
     assert generate_ids(again, _prompts(), None, config, fast=second) == expected
     assert second.compiled_by == "aot" and "compiling" not in capsys.readouterr().err
 
+    # the model is checked once per generation (the first step over a new cache), not on every step
+    checks = []
+    real = first._aot.snapshot.unchanged
+    first._aot.snapshot.unchanged = lambda: checks.append(1) or real()
+    assert generate_ids(model, _prompts(), None, config, fast=first) == expected and len(checks) == 1
+
     # the step reads the model's own tensors: an in-place change is seen (eager gives the same tokens)
     with torch.no_grad():
         for layer in lm.layers:

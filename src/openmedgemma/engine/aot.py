@@ -7,9 +7,12 @@ compiled by AOTInductor, the same step (`DecoderRunner._static_step`, the model'
 function: the weights are handed over once (`load_constants(..., user_managed=True)`: the model's own
 tensors, no copy; in-place updates are seen), and a step costs its kernels.
 
-What the guards did is done here, cheaper: each step checks (identity checks, ~0.1 ms) that every module,
-parameter, buffer and installed kernel is still the object it was at export, with the same storage. If not
-(a layer was replaced, adapters added, kernels removed), the step says so once and runs eagerly from then on.
+What the guards did is done here, once per generation (the first step over a new KV cache; a model changed
+in the middle of a generation is not supported anyway: its cache holds keys of the old weights): every
+module, parameter, buffer and installed kernel must still be the object it was at export, with the same
+storage (identity checks, 0.1-0.4 ms at 130M, most of it cache misses after a step has streamed the weights:
+per step it would cost 6% of an int4 token). If not (a layer was replaced, adapters added, kernels removed),
+the step says so once and runs eagerly from then on.
 
 One artifact per batch size, mask kind (with / without padding) and thread count, for any cache capacity
 (a dynamic dimension). Built once (~30 s at 130M) and kept in `$OPENMEDGEMMA_CACHE/aoti/`, named by a hash of the
@@ -25,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -110,11 +114,16 @@ class AotDecodeStep:
         self.snapshot: _Snapshot | None = None
         self.stale = False
         self.seconds = 0.0  # building or loading, all artifacts
+        self._generation = lambda: None  # a weak reference to the KV cache of the running generation
 
-    def __call__(self, tokens, positions, step, keys, values, valid) -> torch.Tensor | None:
+    def __call__(self, tokens, positions, step, keys, values, valid, cache) -> torch.Tensor | None:
+        """cache: the KV cache object the step writes into (a new one starts a generation: check the model)."""
         if self.stale:
             return None
-        if self.snapshot is not None and not self.snapshot.unchanged():
+        fresh = self._generation() is not cache
+        if fresh:
+            self._generation = weakref.ref(cache)
+        if fresh and self.snapshot is not None and not self.snapshot.unchanged():
             self.stale = True
             self.compiled.clear()
             print("openmedgemma: the model changed since its decode step was compiled (a layer, weight or kernel was "

@@ -288,7 +288,7 @@ class DecoderRunner:
             self._aot = AotDecodeStep(self)
         if self._aot:
             try:
-                out = self._aot(*args)
+                out = self._aot(*args, kv_cache)
                 self.compile_seconds = self._aot.seconds
                 self.compiled_by = "aot" if out is not None else None
                 return out
