@@ -362,3 +362,43 @@ def test_decode_attention_kernel_gives_the_sdpa_tokens(ours_text):
     quantize(half, "int4")
     DecoderRunner(half.language_model)
     assert all(layer.self_attn.attend is None for layer in half.language_model.layers)
+
+
+# ------------------------------------------------------------------ fp32 decode rows over the threads
+
+
+def test_split_matmul_equals_one_matmul():
+    from openmedgemma.engine.fast import split_matmul
+
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(2, 3, 64, generator=g), torch.randn(96, 64, generator=g)
+    want = x @ w.T
+    torch.testing.assert_close(split_matmul(x, w, 2, columns=False), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(split_matmul(x, w.t().contiguous(), 4, columns=True), want, rtol=1e-6, atol=1e-5)
+    assert split_matmul(x, w, 5, columns=False) is None  # 96 outputs do not split in 5
+    assert split_matmul(x, w.t(), 2, columns=False) is None  # not row-major: the caller runs one matmul
+
+
+def test_fp32_decode_rows_split_over_the_threads_give_the_same_tokens(ours_text, monkeypatch):
+    """With 2 threads every fp32 decode-row matmul of the decoder (q/k/v, o, gate/up, down) and the tied head run
+    as a batch of column blocks; greedy tokens are those of the single matmuls."""
+    from openmedgemma.engine import fast
+
+    model = copy.deepcopy(ours_text)
+    lm = model.language_model
+    decoder = DecoderRunner(lm)
+    prompts = [torch.randint(3, 90, (11,), generator=torch.Generator().manual_seed(12)).tolist()]
+    config = GenerationConfig(max_new_tokens=8)
+    calls = []
+    real = fast.split_matmul
+    monkeypatch.setattr(fast, "split_matmul", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = generate_ids(model, prompts, None, config, fast=decoder)
+        assert len(calls) == 7 * 4 * len(lm.layers) + 8  # 7 decode steps of 4 groups per layer; 8 heads (prefill too)
+        monkeypatch.setattr(fast, "SPLIT_MAX_ROWS", 0)
+        calls.clear()
+        assert generate_ids(model, prompts, None, config, fast=decoder) == split and not calls
+    finally:
+        torch.set_num_threads(threads)

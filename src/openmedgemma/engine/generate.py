@@ -91,9 +91,9 @@ class TokenStream:
         if len(features) != len(prompts):
             raise OpenMedGemmaError(f"{len(prompts)} prompts but {len(features)} image entries")
         self.model, self.config, self.prefill_chunk = model, config, prefill_chunk
-        self.head = head or model.logits
         lm = model.language_model
         self.decoder = fast if isinstance(fast, DecoderRunner) else DecoderRunner(lm) if fast else None
+        self.head = head or (self.decoder.logits if self.decoder is not None else model.logits)
         self.done = [False] * len(prompts)
         device = model.device
         length = max(len(p) for p in prompts)
