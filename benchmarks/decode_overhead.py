@@ -3,10 +3,13 @@
     python benchmarks/decode_overhead.py [--mode int4] [--shape 130m] [--threads 1] [--repeats 7] [--compile]
 
 Variants (each its own copy of the same random weights, timed alternately, medians of --repeats):
-  - "each layer": q, k, v and gate, up run one kernel call per layer (no `GroupedLayers`), norms as torch ops;
-  - "grouped": one call per group (`engine.fast.GroupedLayers`), norms as torch ops;
-  - "grouped + norm op": what the engine runs (also `native.rms_norm` on every norm of an fp32 decoder);
-  - with --compile, the engine's compiled decode step (`Engine(compile=True)`), compiled before the timing.
+  - "each layer": q, k, v and gate, up run one kernel call per layer (no `GroupedLayers`), norms as torch ops,
+    attention through torch's SDPA;
+  - "grouped": one call per group (`engine.fast.GroupedLayers`);
+  - "grouped + norm op": also `native.rms_norm` on every norm of an fp32 decoder;
+  - "grouped + norm + attention ops": what the engine runs eagerly (also `native.decode_attention`);
+  - with --compile, the engine's compiled decode step, compiled before the timing: "torch.compile"
+    (`Engine(compile="dynamo")`) and "ahead of time" (`Engine(compile=True)` on a CPU: `engine.aot`).
 Decode = (time of 129 new tokens - time of 1) / 128 after a 128-token prompt, greedy.
 """
 
@@ -33,8 +36,12 @@ from openmedgemma.engine.fast import DecoderRunner, _norms  # noqa: E402
 def runner(folder, prompt, mode: str, variant: str):
     model = MedGemma.from_pretrained(folder)
     head, _ = ours_setup(model, f"ours-{mode}")
-    decoder = DecoderRunner(model.language_model, compile=variant == "compiled")
+    compile = {"torch.compile": "dynamo", "ahead of time": True}.get(variant, False)
+    decoder = DecoderRunner(model.language_model, compile=compile)
     lm = model.language_model
+    if variant in ("each layer", "grouped", "grouped + norm op"):
+        for layer in lm.layers:
+            layer.self_attn.attend = None
     if variant in ("each layer", "grouped"):
         for norm in _norms(lm):
             norm.fused = None
@@ -57,7 +64,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(describe())
     print(f"load average {open('/proc/loadavg').read().split()[:3]}")
-    variants = ["each layer", "grouped", "grouped + norm op"] + (["compiled"] if args.compile else [])
+    variants = ["each layer", "grouped", "grouped + norm op", "grouped + norm + attention ops"]
+    variants += ["torch.compile", "ahead of time"] if args.compile else []
     with tempfile.TemporaryDirectory() as folder:
         _, cfg = build(args.shape, torch.float32, "cpu", Path(folder))
         prompt = torch.randint(3, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0)).tolist()
@@ -74,10 +82,10 @@ def main() -> None:
     base = statistics.median(times[variants[0]])
     print(f"-- {args.shape} {args.mode}, {args.threads} thread(s), 128-token prompt, 128 new tokens, medians of "
           f"{args.repeats}")  # fmt: skip
-    print(f"{'variant':<20}{'ms / token':>12}{'tok/s':>8}{'x each layer':>14}")
+    print(f"{'variant':<32}{'ms / token':>12}{'tok/s':>8}{'x each layer':>14}")
     for v in variants:
         m = statistics.median(times[v])
-        print(f"{v:<20}{m * 1e3:>12.2f}{1 / m:>8.1f}{base / m:>14.2f}")
+        print(f"{v:<32}{m * 1e3:>12.2f}{1 / m:>8.1f}{base / m:>14.2f}")
 
 
 if __name__ == "__main__":
