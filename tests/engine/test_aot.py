@@ -78,3 +78,19 @@ def test_a_step_that_cannot_be_exported_is_compiled_by_torch_compile(ours_text, 
     assert decoder.compiled_by == "torch.compile"
     err = capsys.readouterr().err
     assert "compiled with torch.compile instead of ahead of time (torch.export: RuntimeError: data-dependent" in err
+
+
+def test_a_damaged_package_is_compiled_by_torch_compile_and_built_anew_next_time(ours_text, tmp_path, monkeypatch,
+                                                                                   capsys):
+    monkeypatch.setenv("OPENMEDGEMMA_CACHE", str(tmp_path))
+    model = copy.deepcopy(ours_text)
+    config = GenerationConfig(max_new_tokens=6)
+    expected = generate_ids(model, _prompts(), None, config)
+    assert generate_ids(model, _prompts(), None, config, fast=DecoderRunner(model.language_model, compile=True)) == expected
+    (package,) = (tmp_path / "aoti").glob("decode-step-*.pt2")
+    package.write_bytes(b"not a zip archive")
+    capsys.readouterr()
+    decoder = DecoderRunner(model.language_model, compile=True)
+    assert generate_ids(model, _prompts(), None, config, fast=decoder) == expected
+    assert decoder.compiled_by == "torch.compile" and not package.exists()
+    assert f"instead of ahead of time ({package}: " in capsys.readouterr().err

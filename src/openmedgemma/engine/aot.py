@@ -183,10 +183,16 @@ class AotDecodeStep:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        run = torch._inductor.aoti_load_package(str(path))
-        names = run.get_constant_fqns()
-        missing = [n for n in names if n not in state]
-        if missing:
-            raise AotUnavailable(f"the compiled step holds tensors that are not the model's: {missing[:3]}")
-        run.load_constants({n: state[n] for n in names}, check_full_update=True, user_managed=True)
+        try:
+            run = torch._inductor.aoti_load_package(str(path))
+            names = run.get_constant_fqns()
+            missing = [n for n in names if n not in state]
+            if missing:
+                raise AotUnavailable(f"the compiled step holds tensors that are not the model's: {missing[:3]}")
+            run.load_constants({n: state[n] for n in names}, check_full_update=True, user_managed=True)
+        except Exception as err:  # noqa: BLE001 - e.g. a damaged file: built anew next time
+            path.unlink(missing_ok=True)
+            if isinstance(err, AotUnavailable):
+                raise
+            raise AotUnavailable(f"{path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
         return run
