@@ -209,3 +209,22 @@ def test_decode_attention_declines_what_it_does_not_take_and_refuses_bad_shapes(
     with pytest.raises(RuntimeError, match="one query per row"):
         ops.decode_attention(torch.randn(1, 4, 2, 16), k, k, None, 0.25)
     torch.library.opcheck(ops.decode_attention.default, (q, k, torch.randn(1, 2, 5, 16), mask, 0.25))
+
+
+# ------------------------------------------------------------------ prefill's widening pass (blocks.cpp)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16])
+def test_blocks_to_columns_op_equals_the_permuted_copy(kernel, dtype):
+    """Blocks [B, K, 32] -> fp32 [K, B * 32] in one parallel pass: exactly the values of the torch copy of the
+    permuted view (int8 / fp16 / bf16 values are all fp32 values), zero padding past N included."""
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(70, 37, generator=gen) * 40
+    w = w.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else w.to(dtype)
+    blocks = native.pack_blocks(w)
+    got = torch.ops.openmedgemma.blocks_to_columns(blocks)
+    assert got.dtype == torch.float32 and got.shape == (37, 96)
+    assert torch.equal(got[:, :70], w.float().T) and not got[:, 70:].any()
+    assert torch.equal(native.blocks_to_columns(blocks, torch.float32), got)
+    with pytest.raises(RuntimeError, match=r"contiguous int8, float16 or bfloat16 CPU blocks \[B, K, 32\]"):
+        torch.ops.openmedgemma.blocks_to_columns(blocks.float())
