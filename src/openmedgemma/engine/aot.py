@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -138,7 +139,12 @@ class AotDecodeStep:
         flat = [tokens, positions, step, *keys, *values, *(valid or ())]
         return run.loader.boxed_run(flat)[0]
 
-    def _build(self, tokens, positions, step, keys, values, valid):
+    def _build(self, *args):
+        with warnings.catch_warnings():  # torch's own pytree deprecation notice, not the user's concern
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            return self._export_and_load(*args)
+
+    def _export_and_load(self, tokens, positions, step, keys, values, valid):
         """Export (dynamic cache capacity and ring), then load the cached package or compile it."""
         from torch.export import Dim
 
