@@ -162,7 +162,7 @@ class AotDecodeStep:
             self.snapshot = _Snapshot(self.module.lm)
         state = dict(self.module.named_parameters(remove_duplicate=False))
         state.update(self.module.named_buffers(remove_duplicate=False))
-        layout = sorted((name, str(t.dtype), tuple(t.shape), t.stride()) for name, t in state.items())
+        layout = sorted((name, str(t.dtype), tuple(t.shape), t.stride(), t.storage_offset()) for name, t in state.items())
         from openmedgemma.engine import native
 
         inputs = [(str(a.dtype), a.dim()) for a in (tokens, positions, step, *keys, *values, *(valid or ()))]
