@@ -1,5 +1,6 @@
 """16-bit weights (engine/half.py + half_gemv.cpp): the kernel is exact to fp32 rounding, the decode and prefill
-paths agree, and bf16 / fp16 models stay close to fp32.
+paths agree, and bf16 / fp16 models stay close to fp32 (and "fp32", the same layers holding fp32 blocks, gives
+the plain model's tokens).
 
 Tolerances. Kernel: each output within the fp32 dot-product bound k * eps * sum |x_i w_i| of a float64
 product of the same 16-bit weights. Whole models, last-position logits against fp32, relative L2 error:
@@ -26,7 +27,7 @@ LOGITS_REL = {"bf16": 0.03, "fp16": 0.005}
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize(("n", "k", "m"), [(32, 64, 1), (45, 77, 3), (1, 1, 1), (100, 131, 8), (70, 3, 2)])
 def test_kernel_is_exact_to_fp32_rounding(kernel, isa, mode, n, k, m):
     gen = torch.Generator().manual_seed(n * 1000 + k)
@@ -69,8 +70,8 @@ def test_kernel_refuses_bad_arguments(kernel):
         half.half_gemv(torch.randn(1, 8), w, 40, "sse")
     with pytest.raises(RuntimeError, match="x has 9 columns but w has K = 8"):
         half.half_gemv(torch.randn(1, 9), w, 40, "avx2")
-    with pytest.raises(RuntimeError, match="bfloat16 or float16 blocks"):
-        half.half_gemv(torch.randn(1, 8), w.float(), 40, "avx2")
+    with pytest.raises(RuntimeError, match="bfloat16, float16 or float32 blocks"):
+        half.half_gemv(torch.randn(1, 8), w.to(torch.int8), 40, "avx2")
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
@@ -100,6 +101,29 @@ def test_layer_holds_16_bit_weights_and_its_paths_agree(kernel, mode):
                                atol=1e-4, rtol=1e-4)  # fmt: skip
 
 
+def test_fp32_blocks_hold_the_same_values_and_both_paths_equal_the_linear(kernel, ours_text):
+    """quantize(model, "fp32") only re-lays the weights out in the decode kernel's blocks: the layer holds the
+    fp32 values exactly, decode (the kernel) and prefill (BLAS over the blocks) match F.linear to fp32 rounding,
+    no second head table is made, and the model's greedy tokens are the plain model's."""
+    w = torch.randn(90, 70)
+    layer = half.HalfLinear(w, "fp32")
+    assert layer.weight_half.shape == (3, 70, 32) and torch.equal(layer.half_rows(), w)
+    assert "fp32 blocks" in layer.kernel and "prefill: BLAS over the blocks" in layer.kernel
+    x = torch.randn(2, 12, 70)
+    ref = torch.nn.functional.linear(x, w)
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)  # 24 rows: prefill
+    torch.testing.assert_close(torch.cat([layer(x[:, i : i + 1]) for i in range(12)], 1), ref, atol=1e-5, rtol=1e-5)
+
+    model = copy.deepcopy(ours_text)
+    prompts = [torch.randint(3, 90, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 23)]
+    config = GenerationConfig(max_new_tokens=16)
+    expected = generate_ids(model, prompts, None, config)
+    quantize(model, "fp32")
+    assert quantized_head(model, "fp32") is None
+    assert sum(isinstance(m, half.HalfLinear) for m in model.modules()) == 7 * model.config.text.num_hidden_layers
+    assert generate_ids(model, prompts, None, config) == expected
+
+
 def test_prefill_kernel_follows_the_cpu(kernel, monkeypatch):
     avx2_only = cpu.CPU.from_flags({"avx2", "fma", "f16c"}, "fake AVX2 EPYC")
     monkeypatch.setattr(cpu, "detect", lambda: avx2_only)
@@ -113,7 +137,7 @@ def test_prefill_kernel_follows_the_cpu(kernel, monkeypatch):
 def test_fp16_refuses_weights_it_cannot_hold():
     with pytest.raises(OpenMedGemmaError, match="fp16 cannot hold.*above fp16's 65504; use bf16"):
         half.HalfLinear(torch.tensor([[1.0, 7e4]]), "fp16")
-    with pytest.raises(OpenMedGemmaError, match="unknown 16-bit mode 'fp8'"):
+    with pytest.raises(OpenMedGemmaError, match="unknown HalfLinear mode 'fp8'; use one of bf16, fp16, fp32"):
         half.HalfLinear(torch.ones(2, 2), "fp8")
 
 

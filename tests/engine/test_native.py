@@ -211,20 +211,20 @@ def test_decode_attention_declines_what_it_does_not_take_and_refuses_bad_shapes(
     torch.library.opcheck(ops.decode_attention.default, (q, k, torch.randn(1, 2, 5, 16), mask, 0.25))
 
 
-# ------------------------------------------------------------------ prefill's widening pass (blocks.cpp)
+# ------------------------------------------------------------------ prefill over the blocks
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16])
-def test_blocks_to_columns_op_equals_the_permuted_copy(kernel, dtype):
-    """Blocks [B, K, 32] -> fp32 [K, B * 32] in one parallel pass: exactly the values of the torch copy of the
-    permuted view (int8 / fp16 / bf16 values are all fp32 values), zero padding past N included."""
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16, torch.float32])
+def test_blocks_matmul_is_x_times_the_weight(dtype):
+    """Prefill's batched matmul over blocks [B, K, 32] equals x @ w.T for the weight they hold (N not a multiple
+    of 32: the padding's columns are cut), and the bf16 GEMM's operand [K, N] holds the same weight."""
     gen = torch.Generator().manual_seed(13)
     w = torch.randn(70, 37, generator=gen) * 40
     w = w.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else w.to(dtype)
     blocks = native.pack_blocks(w)
-    got = torch.ops.openmedgemma.blocks_to_columns(blocks)
-    assert got.dtype == torch.float32 and got.shape == (37, 96)
-    assert torch.equal(got[:, :70], w.float().T) and not got[:, 70:].any()
-    assert torch.equal(native.blocks_to_columns(blocks, torch.float32), got)
-    with pytest.raises(RuntimeError, match=r"contiguous int8, float16 or bfloat16 CPU blocks \[B, K, 32\]"):
-        torch.ops.openmedgemma.blocks_to_columns(blocks.float())
+    x = torch.randn(11, 37, generator=gen)
+    got = native.blocks_matmul(x, blocks, 70)
+    assert got.shape == (11, 70) and got.dtype == torch.float32
+    torch.testing.assert_close(got, x @ w.float().T, rtol=1e-5, atol=1e-3)
+    columns = native.blocks_to_columns(blocks, torch.float32)
+    assert columns.shape == (37, 96) and torch.equal(columns[:, :70], w.float().T) and not columns[:, 70:].any()

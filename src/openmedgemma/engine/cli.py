@@ -20,7 +20,8 @@ from openmedgemma.imaging.pacs_cli import add_dicomweb_arguments, study_turn
 QUANTIZE_HELP = ("decoder weight format: int4 (weight-only, groups of 32: 4.5 bits per weight, the fastest CPU "
                  "decode), int8 (weight-only: a quarter of fp32's bytes, ~2x faster decode on x86 "
                  "CPUs with AVX2), int8-dynamic (CPU: int8 activations too, faster prefill), bf16 / fp16 (half the "
-                 "bytes, closer to fp32), and any other of engine.quant.MODES; the engine says on stderr which "
+                 "bytes, closer to fp32), fp32 (the same values in the decode kernel's blocks: faster CPU decode), and any "
+                 "other of engine.quant.MODES; the engine says on stderr which "
                  "kernels it picked for this CPU. CPU kernels are built once, on first use, with the system C++ "
                  "compiler. Default: bf16 for a model loaded in bfloat16 on a CPU, else none; 'none' keeps the "
                  "checkpoint's plain layers")  # fmt: skip

@@ -112,11 +112,11 @@ class Int8Linear(nn.Module):
         w, scale = self.weight_int8, self.scale.to(x.dtype)
         if w.dim() == 2:
             return F.linear(x, w.to(x.dtype)) * scale
-        return (x @ native.blocks_to_columns(w, x.dtype))[:, : self.out_features] * scale
+        return native.blocks_matmul(x, w, self.out_features) * scale
 
 
 LAYERS.update({"int8": Int8Linear, "int8-dynamic": Int8Linear})
-LAYERS.update(bf16=HalfLinear, fp16=HalfLinear)
+LAYERS.update(bf16=HalfLinear, fp16=HalfLinear, fp32=HalfLinear)
 LAYERS["int4"] = Int4Linear
 MODES = tuple(LAYERS)
 
@@ -187,6 +187,6 @@ def quantized_head(model, mode: str) -> nn.Module | None:
     vocabulary each step would cost more than it saves, so the model's own head is kept (None).
     """
     weight = model.language_model.embed_tokens.weight
-    if weight.device.type != "cpu":
+    if weight.device.type != "cpu" or mode == "fp32":  # fp32: a second fp32 table for ~1.2x of one matmul
         return None
     return LAYERS[mode](weight, mode)
