@@ -215,16 +215,18 @@ def test_decode_attention_declines_what_it_does_not_take_and_refuses_bad_shapes(
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16, torch.float32])
-def test_blocks_matmul_is_x_times_the_weight(dtype):
-    """Prefill's batched matmul over blocks [B, K, 32] equals x @ w.T for the weight they hold (N not a multiple
+@pytest.mark.parametrize("widen_bytes", [1 << 30, 2 * 37 * 32 * 4])  # all blocks at once; two per matmul
+def test_blocks_matmul_is_x_times_the_weight(dtype, widen_bytes, monkeypatch):
+    """Prefill's batched matmuls over blocks [B, K, 32] equal x @ w.T for the weight they hold (N not a multiple
     of 32: the padding's columns are cut), and the bf16 GEMM's operand [K, N] holds the same weight."""
-    gen = torch.Generator().manual_seed(13)
-    w = torch.randn(70, 37, generator=gen) * 40
+    monkeypatch.setattr(native, "WIDEN_BYTES", widen_bytes)
+    gen = torch.Generator().manual_seed(widen_bytes % 1000)  # other values each run: no stale buffer matches
+    w = torch.randn(170, 37, generator=gen) * 40  # 6 blocks
     w = w.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else w.to(dtype)
     blocks = native.pack_blocks(w)
     x = torch.randn(11, 37, generator=gen)
-    got = native.blocks_matmul(x, blocks, 70)
-    assert got.shape == (11, 70) and got.dtype == torch.float32
+    got = native.blocks_matmul(x, blocks, 170)
+    assert got.shape == (11, 170) and got.dtype == torch.float32
     torch.testing.assert_close(got, x @ w.float().T, rtol=1e-5, atol=1e-3)
     columns = native.blocks_to_columns(blocks, torch.float32)
-    assert columns.shape == (37, 96) and torch.equal(columns[:, :70], w.float().T) and not columns[:, 70:].any()
+    assert columns.shape == (37, 192) and torch.equal(columns[:, :170], w.float().T) and not columns[:, 170:].any()

@@ -52,13 +52,23 @@ def unpack_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
     return blocks.transpose(1, 2).reshape(-1, blocks.shape[1])[:n]
 
 
+WIDEN_BYTES = 3 << 19  # blocks widened per batched matmul: ~1.5 MB, so they are read back from the caches
+
+
 def blocks_matmul(x: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """x [M, K] times blocked weights [B, K, 32] (widened to x's dtype) -> [M, n], for prefill: one batched
-    matmul over the blocks as they lie. Re-laying them out as [K, N] columns for one GEMM first costs more than
-    it saves (130M shapes, 128 rows, EPYC Zen 4: int8 at 2 threads 14.0 -> 8.9 ms per gate/up; as fast as the
-    fp32 GEMM from [K, N]; benchmarks/RESULTS.md)."""
+    """x [M, K] times blocked weights [B, K, 32] (widened to x's dtype) -> [M, n], for prefill: batched matmuls
+    over the blocks as they lie, a few blocks at a time so that the widened copy never goes out to memory.
+    Re-laying all of them out as [K, N] columns for one GEMM costs more (130M shapes, 128 rows, EPYC Zen 4,
+    2 threads: int8 gate/up 14.0 ms that way, 8.0 ms this way, the fp32 GEMM's 8-9 ms; benchmarks/RESULTS.md)."""
     m, k = x.shape
-    y = torch.bmm(x.expand(blocks.shape[0], m, k), blocks.to(x.dtype))  # [B, M, 32]
+    if blocks.dtype == x.dtype:
+        y = torch.bmm(x.expand(blocks.shape[0], m, k), blocks)  # [B, M, 32]
+    else:
+        y = x.new_empty(blocks.shape[0], m, blocks.shape[2])
+        step = max(1, WIDEN_BYTES // (k * blocks.shape[2] * x.element_size()))
+        for first in range(0, blocks.shape[0], step):
+            part = blocks[first : first + step]
+            torch.bmm(x.expand(part.shape[0], m, k), part.to(x.dtype), out=y[first : first + step])
     return y.transpose(0, 1).reshape(m, -1)[:, :n]
 
 
