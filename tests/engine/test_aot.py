@@ -125,3 +125,20 @@ def test_fp32_step_runs_each_group_as_one_blas_call_over_the_threads(ours_text, 
     with zipfile.ZipFile(package) as archive:
         wrapper = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("wrapper.cpp"))
     assert wrapper.count("aoti_torch_cpu_baddbmm_out(") == 4 * layers
+
+
+def test_layers_that_cannot_be_traced_run_the_decode_step_uncompiled(ours_text, capsys):
+    """int8-dynamic: export refuses fbgemm's packed weights and dynamo would break the graph at every layer
+    (slower than eager), so the step runs eagerly, said once: same tokens, nothing compiled."""
+    from openmedgemma.engine import quantize
+
+    model = copy.deepcopy(ours_text)
+    quantize(model, "int8-dynamic")
+    config = GenerationConfig(max_new_tokens=6)
+    expected = generate_ids(model, _prompts(), None, config)
+    decoder = DecoderRunner(model.language_model, compile=True)
+    assert generate_ids(model, _prompts(), None, config, fast=decoder) == expected
+    assert generate_ids(model, _prompts(), None, config, fast=decoder) == expected
+    assert decoder.compiled_by is None and decoder._compiled is None
+    err = capsys.readouterr().err
+    assert err.count("the decode step runs uncompiled: its layers cannot be traced (torch.export: ") == 1

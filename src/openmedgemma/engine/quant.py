@@ -74,6 +74,12 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
 
+    @property
+    def traceable(self) -> bool:
+        """False for int8-dynamic: fbgemm's packed weight is a TorchScript object that torch.export refuses and
+        dynamo breaks the graph at (a compiled decode step is then slower than the eager one)."""
+        return self._packed is None
+
     def int8_rows(self) -> torch.Tensor:
         """The int8 weight as [out, in] (a copy if held in blocks)."""
         w = self.weight_int8
