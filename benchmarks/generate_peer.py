@@ -133,7 +133,7 @@ def bench_small(name: str, args, folder: Path) -> dict:
                 torch.set_num_threads(threads)
                 for n in (2, 3, args.new):
                     ours_run(model, head, fast)(n)
-            print(f"{label}: compiled ({fast.compiled_by or "no: runs eagerly"}, threads {args.thread_list}) in {fast.compile_seconds:.1f} s "
+            print(f"{label}: compiled ({fast.compiled_by or 'no: runs eagerly'}, threads {args.thread_list}) in {fast.compile_seconds:.1f} s "
                   f"({time.perf_counter() - t:.1f} s with warm-up)")  # fmt: skip
 
     # numerics: greedy tokens and the last prompt position's logits against transformers fp32
