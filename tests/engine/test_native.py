@@ -228,5 +228,8 @@ def test_blocks_matmul_is_x_times_the_weight(dtype, widen_bytes, monkeypatch):
     got = native.blocks_matmul(x, blocks, 170)
     assert got.shape == (11, 170) and got.dtype == torch.float32
     torch.testing.assert_close(got, x @ w.float().T, rtol=1e-5, atol=1e-3)
+    half = native.blocks_matmul(x.bfloat16(), blocks, 170)  # bf16 activations: one GEMM on the columns
+    assert half.shape == (11, 170) and half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), x.bfloat16().float() @ w.bfloat16().float().T, rtol=0.02, atol=0.5)
     columns = native.blocks_to_columns(blocks, torch.float32)
     assert columns.shape == (37, 192) and torch.equal(columns[:, :170], w.float().T) and not columns[:, 170:].any()

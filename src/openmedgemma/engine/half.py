@@ -140,6 +140,4 @@ class HalfLinear(nn.Module):
         w = self.weight_half
         if w.dim() == 2:
             return F.linear(x.to(dtype), w.to(dtype))
-        if dtype == torch.bfloat16:  # oneDNN's bf16 GEMM
-            return (x.to(dtype) @ native.blocks_to_columns(w, dtype))[:, : self.out_features]
         return native.blocks_matmul(x.to(dtype), w, self.out_features)

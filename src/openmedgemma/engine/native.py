@@ -56,11 +56,13 @@ WIDEN_BYTES = 3 << 19  # blocks widened per batched matmul: ~1.5 MB, so they are
 
 
 def blocks_matmul(x: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """x [M, K] times blocked weights [B, K, 32] (widened to x's dtype) -> [M, n], for prefill: batched matmuls
-    over the blocks as they lie, a few blocks at a time so that the widened copy never goes out to memory.
+    """x [M, K] times blocked weights [B, K, 32] (widened to x's dtype) -> [M, n], for prefill: in fp32 batched
+    matmuls over the blocks as they lie, a few blocks at a time so that the widened copy never goes out to memory.
     Re-laying all of them out as [K, N] columns for one GEMM costs more (130M shapes, 128 rows, EPYC Zen 4,
     2 threads: int8 gate/up 14.0 ms that way, 8.0 ms this way, the fp32 GEMM's 8-9 ms; benchmarks/RESULTS.md)."""
     m, k = x.shape
+    if x.dtype != torch.float32:  # e.g. bf16 activations (a 4b model loaded in bf16): oneDNN's bf16 GEMM on
+        return (x @ blocks_to_columns(blocks, x.dtype))[:, :n]  # columns is 2-3x a bf16 bmm over the blocks
     if blocks.dtype == x.dtype:
         y = torch.bmm(x.expand(blocks.shape[0], m, k), blocks)  # [B, M, 32]
     else:
