@@ -216,7 +216,7 @@ def test_decode_attention_declines_what_it_does_not_take_and_refuses_bad_shapes(
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("widen_bytes", [1 << 30, 2 * 37 * 32 * 4])  # all blocks at once; two per matmul
-def test_blocks_matmul_is_x_times_the_weight(dtype, widen_bytes, monkeypatch):
+def test_blocks_matmul_is_x_times_the_weight(kernel, dtype, widen_bytes, monkeypatch):
     """Prefill's batched matmuls over blocks [B, K, 32] equal x @ w.T for the weight they hold (N not a multiple
     of 32: the padding's columns are cut), and the bf16 GEMM's operand [K, N] holds the same weight."""
     monkeypatch.setattr(native, "WIDEN_BYTES", widen_bytes)
@@ -233,3 +233,19 @@ def test_blocks_matmul_is_x_times_the_weight(dtype, widen_bytes, monkeypatch):
     torch.testing.assert_close(half.float(), x.bfloat16().float() @ w.bfloat16().float().T, rtol=0.02, atol=0.5)
     columns = native.blocks_to_columns(blocks, torch.float32)
     assert columns.shape == (37, 192) and torch.equal(columns[:, :170], w.float().T) and not columns[:, 170:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_bf16_columns_op_equals_the_permuted_copy(kernel, dtype):
+    """Blocks -> bf16 columns [K, B * 32] in one parallel pass (blocks.cpp): exactly the torch copy of the permuted
+    view (int8 values are bf16 values), zero padding past N included; other dtypes are refused."""
+    w = (torch.randn(70, 37, generator=torch.Generator().manual_seed(5)) * 60).round().clamp(-128, 127)
+    w = w.to(torch.int8) if dtype == torch.int8 else w.bfloat16()
+    blocks = native.pack_blocks(w)
+    got = torch.ops.openmedgemma.blocks_to_bf16_columns(blocks)
+    assert got.dtype == torch.bfloat16 and got.shape == (37, 96)
+    assert torch.equal(got[:, :70], w.bfloat16().T) and not got[:, 70:].any()
+    copy = torch.empty(37, 3, 32, dtype=torch.bfloat16).copy_(blocks.permute(1, 0, 2)).view(37, -1)
+    assert torch.equal(got, copy)
+    with pytest.raises(RuntimeError, match=r"contiguous int8 or bfloat16 CPU blocks \[B, K, 32\]"):
+        torch.ops.openmedgemma.blocks_to_bf16_columns(blocks.float())

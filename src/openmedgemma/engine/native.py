@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp", "attention.cpp")  # one library, each registers its own ops
+KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp", "attention.cpp", "blocks.cpp")  # one library, each registers its own ops
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 HEADERS = (Path(__file__).with_name("gemv_group.h"),)  # included by the sources: part of the build's cache key
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
@@ -59,15 +59,20 @@ def blocks_matmul(x: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor
     """x [M, K] times blocked weights [B, K, 32] (widened to x's dtype) -> [M, n], for prefill: in fp32 batched
     matmuls over the blocks as they lie, a few blocks at a time so that the widened copy never goes out to memory.
     Re-laying all of them out as [K, N] columns for one GEMM costs more (130M shapes, 128 rows, EPYC Zen 4,
-    2 threads: int8 gate/up 14.0 ms that way, 8.0 ms this way, the fp32 GEMM's 8-9 ms; benchmarks/RESULTS.md)."""
+    2 threads: int8 gate/up 14.0 ms that way, 8.0 ms this way, the fp32 GEMM's 8-9 ms; benchmarks/RESULTS.md):
+    a fresh weight-sized buffer is page faults and memory traffic, a cache-sized one is reused."""
     m, k = x.shape
-    if x.dtype != torch.float32:  # e.g. bf16 activations (a 4b model loaded in bf16): oneDNN's bf16 GEMM on
-        return (x @ blocks_to_columns(blocks, x.dtype))[:, :n]  # columns is 2-3x a bf16 bmm over the blocks
+    step = max(1, WIDEN_BYTES // (k * blocks.shape[2] * x.element_size()))  # blocks per matmul
+    if x.dtype != torch.float32:  # e.g. bf16 activations (a model loaded in bf16): oneDNN's bf16 GEMM on a few
+        y = x.new_empty(m, blocks.shape[0] * blocks.shape[2])  # blocks' columns at a time (2-3x a bf16 bmm over
+        for first in range(0, blocks.shape[0], step):  # the blocks; all columns at once: 2.4x slower at 4b)
+            columns = blocks_to_columns(blocks[first : first + step], x.dtype)
+            y[:, first * blocks.shape[2] : first * blocks.shape[2] + columns.shape[1]] = x @ columns
+        return y[:, :n]
     if blocks.dtype == x.dtype:
         y = torch.bmm(x.expand(blocks.shape[0], m, k), blocks)  # [B, M, 32]
     else:
         y = x.new_empty(blocks.shape[0], m, blocks.shape[2])
-        step = max(1, WIDEN_BYTES // (k * blocks.shape[2] * x.element_size()))
         for first in range(0, blocks.shape[0], step):
             part = blocks[first : first + step]
             torch.bmm(x.expand(part.shape[0], m, k), part.to(x.dtype), out=y[first : first + step])
@@ -77,6 +82,10 @@ def blocks_matmul(x: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor
 def blocks_to_columns(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Blocks [B, K, 32] -> [K, B * 32] in `dtype` (columns past N are the blocks' zero padding): the operand
     oneDNN's bf16 GEMM reads fastest (2-3x a batched bf16 matmul over the blocks)."""
+    if dtype == torch.bfloat16 and blocks.device.type == "cpu" and blocks.is_contiguous() and LOADED is not None and (
+        blocks.dtype in (torch.int8, torch.bfloat16)
+    ):
+        return torch.ops.openmedgemma.blocks_to_bf16_columns(blocks)  # blocks.cpp: one parallel pass
     k = blocks.shape[1]
     dense = torch.empty(k, blocks.shape[0], blocks.shape[2], dtype=dtype, device=blocks.device)
     return dense.copy_(blocks.permute(1, 0, 2)).view(k, -1)
