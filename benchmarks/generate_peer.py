@@ -38,12 +38,12 @@ import machine
 PEER_FORMATS = ("f32", "f16", "q8_0", "q4_0")
 
 
-def our_modes(asked: list[str] | None, skip: tuple[str, ...] = ()) -> list[str]:
-    """The modes to run: those asked for (default: all of MODES but `skip`) that exist; a note for each missing
-    one. ("fp32" as a mode is the fp32 weights in the decode kernel's blocks; the plain fp32 model always runs.)"""
+def our_modes(asked: list[str] | None) -> list[str]:
+    """The modes to run: those asked for (default: all of MODES) that exist; a note for each missing one.
+    ("fp32" as a mode is the fp32 weights in the decode kernel's blocks; the plain fp32 model always runs.)"""
     from openmedgemma.engine.quant import MODES
 
-    modes = [m for m in (asked or [m for m in MODES if m not in skip]) if m != "bf16-as-loaded"]
+    modes = [m for m in (asked or MODES) if m != "bf16-as-loaded"]
     for m in modes:
         if m not in MODES:
             print(f"note: ours {m!r} is not in openmedgemma.engine.quant.MODES {MODES} in this checkout: skipped")
@@ -274,7 +274,7 @@ def bench_4b(args, work: Path) -> dict:
         print(f"note: llama.cpp {', '.join(skipped)} not run at 4b (only q8_0 / q4_0: f32 would need 15.5 GB)")
 
     base = ["ours bf16-as-loaded"] if not args.formats or "bf16-as-loaded" in args.formats else []
-    impls = base + [f"ours {m}" for m in our_modes(args.formats, skip=("fp32",)) if m != "fp32"]  # 15.5 GB
+    impls = base + [f"ours {m}" for m in our_modes(args.formats) if m != "fp32"]  # fp32: 15.5 GB
     impls += [f"llama.cpp {fmt}" for fmt in ggufs]
     report = dict(config="4b", llama_cpp=build_info, runs={})
     for threads in args.thread_list:

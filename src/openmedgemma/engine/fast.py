@@ -162,36 +162,29 @@ class FusedLinears:
                 return None  # replaced (quantized, adapted, new data): the modules know what to do
         if self.versions is not None and self.versions != tuple(m[2]._version for m in self.members):
             self._reorder()  # trained in place since it was made (the re-laid-out buffer is the weights themselves)
-        rows = x.numel() // x.shape[-1]
-        if self.onednn is not None and (rows > 1 or self.buffer is None):  # several rows
+        if self.onednn is not None and (x.numel() > x.shape[-1] or self.buffer is None):  # several rows
             return torch.ops.mkldnn._linear_pointwise(x, self.onednn, None, "none", [], "")
-        parts = torch.get_num_threads()
-        if parts > 1 and rows <= SPLIT_MAX_ROWS:
-            if self.buffer is not None:
-                y = split_matmul(x, self.buffer, parts, columns=True)
-            else:
-                y = split_matmul(x, self.members[0][2].detach(), parts, columns=False)
-            if y is not None:
-                return y
-        if self.buffer is not None:
-            return torch.matmul(x, self.buffer)
-        return None
+        return self._multiply(x, self.buffer, self.members[0][2])
 
     def _exported(self, x: torch.Tensor) -> torch.Tensor | None:
         """The decode step's matmul as torch.export traces it (`engine.aot`): the weights are stand-ins then
         (no identity or data to check against; the compiled step checks the model before it runs), so the
         buffer is found from the layers' layout as they are now."""
         own = self.parent._modules
-        modules = [own[name] for name, _, _, _ in self.members]
         if any(own[name] is not module for name, module, _, _ in self.members) or self.onednn is not None:
             return None
-        buffer = fused_buffer(modules)
+        modules = [module for _, module, _, _ in self.members]
+        return self._multiply(x, fused_buffer(modules), modules[0].weight)
+
+    def _multiply(self, x: torch.Tensor, buffer: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+        """x times the re-laid-out buffer [K, sum N] (or, for a group of one linear without one, its weight
+        [N, K]); decode rows split over the threads. None where neither applies."""
         parts = torch.get_num_threads()
         if parts > 1 and x.numel() // x.shape[-1] <= SPLIT_MAX_ROWS:
             if buffer is not None:
                 y = split_matmul(x, buffer, parts, columns=True)
-            elif len(modules) == 1 and type(modules[0]) is nn.Linear and modules[0].bias is None:
-                y = split_matmul(x, modules[0].weight.detach(), parts, columns=False)
+            elif len(self.members) == 1:
+                y = split_matmul(x, weight.detach(), parts, columns=False)
             else:
                 y = None
             if y is not None:
