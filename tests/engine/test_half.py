@@ -104,12 +104,12 @@ def test_layer_holds_16_bit_weights_and_its_paths_agree(kernel, mode):
 
 def test_fp32_blocks_hold_the_same_values_and_both_paths_equal_the_linear(kernel, ours_text):
     """quantize(model, "fp32") only re-lays the weights out in the decode kernel's blocks: the layer holds the
-    fp32 values exactly, decode (the kernel) and prefill (BLAS over the blocks) match F.linear to fp32 rounding,
+    fp32 values exactly, decode (the kernel) and prefill (the blocks GEMM) match F.linear to fp32 rounding,
     no second head table is made, and the model's greedy tokens are the plain model's."""
     w = torch.randn(90, 70)
     layer = half.HalfLinear(w, "fp32")
     assert layer.weight_half.shape == (3, 70, 32) and torch.equal(layer.half_rows(), w)
-    assert "fp32 blocks" in layer.kernel and "prefill: BLAS over the blocks" in layer.kernel
+    assert "fp32 blocks" in layer.kernel and "prefill: blocks GEMM" in layer.kernel
     x = torch.randn(2, 12, 70)
     ref = torch.nn.functional.linear(x, w)
     torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)  # 24 rows: prefill
@@ -130,7 +130,7 @@ def test_prefill_kernel_follows_the_cpu(kernel, monkeypatch):
     monkeypatch.setattr(cpu, "detect", lambda: avx2_only)
     layer = half.HalfLinear(torch.randn(40, 16), "bf16")
     assert layer.isa == "avx2" and not layer.bf16_gemm
-    assert "widen to fp32 + BLAS (avx512_bf16 no, amx_bf16 no)" in layer.kernel
+    assert "blocks GEMM avx2 (ours, fp32 panels of the blocks; avx512_bf16 no, amx_bf16 no)" in layer.kernel
     x = torch.randn(20, 16)
     torch.testing.assert_close(layer(x).double(), x.double() @ layer.half_rows().double().T, atol=1e-4, rtol=1e-4)
 

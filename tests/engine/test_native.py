@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from openmedgemma.engine import Int8Linear, native
+from openmedgemma.engine import Int8Linear, cpu, native
 from openmedgemma.engine.quant import quantize_weight
 
 
@@ -214,23 +214,81 @@ def test_decode_attention_declines_what_it_does_not_take_and_refuses_bad_shapes(
 # ------------------------------------------------------------------ prefill over the blocks
 
 
+def _blocked_weight(dtype, n, k, gen):
+    w = torch.randn(n, k, generator=gen) * 40
+    return w.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else w.to(dtype)
+
+
+ISAS = ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(not cpu.detect().has("avx512"), reason="no AVX-512"))]
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("widen_bytes", [1 << 30, 2 * 37 * 32 * 4])  # all blocks at once; two per matmul
+@pytest.mark.parametrize(("m", "k", "n"), [(11, 37, 170), (1, 300, 64), (13, 512, 32), (600, 300, 450)])
+def test_prefill_gemm_equals_x_times_the_weight_times_the_scale(kernel, isa, dtype, m, k, n):
+    """blocks.cpp's GEMM over blocks [B, K, 32]: x @ w.T * scale to fp32 rounding, for row counts that are not a
+    multiple of the register tile (12 / 6), K in several passes of 256 inputs (300, 512), outputs in several groups
+    (600 rows: 3 blocks per group, 15 blocks) and N not a multiple of 32 (the padding's columns cut)."""
+    gen = torch.Generator().manual_seed(m * k + n)  # other values per case: no stale buffer matches
+    w = _blocked_weight(dtype, n, k, gen)
+    x, scale = torch.randn(m, k, generator=gen), torch.rand(n, generator=gen) + 0.5
+    ref = x.double() @ w.double().T
+    bound = 1e-5 * (x.double().abs() @ w.double().abs().T) + 1e-9  # fp32 sums of <= 512 terms, in any order
+    got = torch.ops.openmedgemma.blocks_matmul(x, native.pack_blocks(w), None, n, isa)
+    assert got.shape == (m, n) and got.dtype == torch.float32 and got.is_contiguous()
+    assert ((got.double() - ref).abs() <= bound).all()
+    scaled = torch.ops.openmedgemma.blocks_matmul(x, native.pack_blocks(w), scale, n, isa)
+    assert ((scaled.double() - ref * scale.double()).abs() <= bound * scale.double() * 1.01).all()
+
+
+def test_prefill_gemm_splits_blocks_over_threads_without_changing_the_result(kernel):
+    gen = torch.Generator().manual_seed(3)
+    blocks, x = native.pack_blocks(_blocked_weight(torch.int8, 700, 300, gen)), torch.randn(40, 300, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.blocks_matmul(x, blocks, 700)
+        torch.set_num_threads(2)
+        two = native.blocks_matmul(x, blocks, 700)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each output is summed by one thread, in the same order
+
+
+def test_prefill_gemm_refuses_bad_arguments_and_is_a_well_formed_op(kernel):
+    ops = torch.ops.openmedgemma
+    blocks, x = native.pack_blocks(torch.ones(64, 16, dtype=torch.int8)), torch.randn(3, 16)
+    with pytest.raises(RuntimeError, match=r"x must be a contiguous fp32 CPU matrix \[M, K\]"):
+        ops.blocks_matmul(x.double(), blocks, None, 64, "avx2")
+    with pytest.raises(RuntimeError, match="K = x's"):
+        ops.blocks_matmul(torch.randn(3, 17), blocks, None, 64, "avx2")
+    with pytest.raises(RuntimeError, match="n must be within the last block"):
+        ops.blocks_matmul(x, blocks, None, 65, "avx2")
+    with pytest.raises(RuntimeError, match="scale must be a contiguous fp32 vector of n values"):
+        ops.blocks_matmul(x, blocks, torch.ones(63), 64, "avx2")
+    with pytest.raises(RuntimeError, match="isa must be 'avx2' or 'avx512', got 'sse'"):
+        ops.blocks_matmul(x, blocks, None, 64, "sse")
+    torch.library.opcheck(ops.blocks_matmul.default, (x, blocks, torch.rand(64), 64, "avx2"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("widen_bytes", [1 << 30, 2 * 37 * 32 * 2])  # all blocks at once; two per GEMM
 def test_blocks_matmul_is_x_times_the_weight(kernel, dtype, widen_bytes, monkeypatch):
-    """Prefill's batched matmuls over blocks [B, K, 32] equal x @ w.T for the weight they hold (N not a multiple
-    of 32: the padding's columns are cut), and the bf16 GEMM's operand [K, N] holds the same weight."""
+    """Prefill over blocks [B, K, 32] equals x @ w.T (times the scale) for the weight they hold, in fp32 (the GEMM
+    above) and with bf16 activations (oneDNN's GEMM on a few blocks' columns at a time); the columns [K, N] hold
+    the same weight."""
     monkeypatch.setattr(native, "WIDEN_BYTES", widen_bytes)
-    gen = torch.Generator().manual_seed(widen_bytes % 1000)  # other values each run: no stale buffer matches
-    w = torch.randn(170, 37, generator=gen) * 40  # 6 blocks
-    w = w.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else w.to(dtype)
-    blocks = native.pack_blocks(w)
+    gen = torch.Generator().manual_seed(widen_bytes % 1000)
+    w = _blocked_weight(dtype, 170, 37, gen)  # 6 blocks
+    blocks, scale = native.pack_blocks(w), torch.rand(170, generator=gen) + 0.5
     x = torch.randn(11, 37, generator=gen)
-    got = native.blocks_matmul(x, blocks, 170)
+    got = native.blocks_matmul(x, blocks, 170, scale)
     assert got.shape == (11, 170) and got.dtype == torch.float32
-    torch.testing.assert_close(got, x @ w.float().T, rtol=1e-5, atol=1e-3)
-    half = native.blocks_matmul(x.bfloat16(), blocks, 170)  # bf16 activations: one GEMM on the columns
+    torch.testing.assert_close(got, x @ w.float().T * scale, rtol=1e-5, atol=1e-3)
+    half = native.blocks_matmul(x.bfloat16(), blocks, 170, scale)  # bf16 activations
     assert half.shape == (11, 170) and half.dtype == torch.bfloat16
-    torch.testing.assert_close(half.float(), x.bfloat16().float() @ w.bfloat16().float().T, rtol=0.02, atol=0.5)
+    ref = x.bfloat16().float() @ w.bfloat16().float().T * scale.bfloat16().float()
+    torch.testing.assert_close(half.float(), ref, rtol=0.02, atol=0.5)
     columns = native.blocks_to_columns(blocks, torch.float32)
     assert columns.shape == (37, 192) and torch.equal(columns[:, :170], w.float().T) and not columns[:, 170:].any()
 

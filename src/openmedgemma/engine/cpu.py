@@ -63,6 +63,11 @@ class CPU:
         """The engine's own kernels can run (they are written for AVX2 + FMA + F16C)."""
         return all(self.has(f) for f in ("avx2", "fma", "f16c"))
 
+    @property
+    def vector_isa(self) -> str:
+        """The variant of the engine's own kernels to run: "avx512" (16 fp32 per register) with AVX-512F/BW, else "avx2"."""
+        return "avx512" if self.has("avx512") else "avx2"
+
     def why(self, *features: str) -> str:
         """'avx512_bf16 yes, amx_bf16 no': the features a choice was made on, for the one-line notices."""
         return ", ".join(f"{f} {'yes' if self.has(f) else 'no'}" for f in features)

@@ -2,8 +2,8 @@
 
 `quantize(model, "bf16")` / `quantize(model, "fp16")` replace the decoder's linear layers by `HalfLinear`.
 `quantize(model, "fp32")` does too, keeping the fp32 values: only the layout changes (the decode kernel's blocks
-stream ~1.2x faster than BLAS's 1-row sgemm at one thread; prefill is one batched BLAS matmul over the blocks,
-as fast as one GEMM).
+stream ~1.2x faster than BLAS's 1-row sgemm at one thread; prefill is the engine's GEMM over the blocks, as fast
+as BLAS's or faster).
 bf16 keeps fp32's range with 8 bits of mantissa (relative rounding 2^-9); fp16 has 11 bits (2^-12) but
 overflows above 65504, which is refused at load. The kernels, chosen per CPU (`engine/cpu.py`) and
 recorded in each layer's `kernel`, from measurements in benchmarks/RESULTS.md ("Weight formats on CPU"):
@@ -16,8 +16,9 @@ recorded in each layer's `kernel`, from measurements in benchmarks/RESULTS.md ("
   - prefill (more rows): where the CPU multiplies bf16 natively (AVX-512-BF16 or AMX-BF16) and the mode is
     bf16, one bf16 GEMM (oneDNN; the activations are rounded to bf16 too, inputs of the matmul only,
     accumulation in fp32), 1.1-2.3x faster than fp32 BLAS there (widening, then BLAS: 0.54-0.86x); elsewhere
-    (no native bf16, or fp16) the weight is widened to fp32 in one pass and multiplied by BLAS, as int8's
-    prefill does (so prefill is a little slower than fp32 there: the price of half the bytes).
+    (no native bf16, or fp16, or fp32 blocks) the engine's GEMM over the blocks (`native.blocks_matmul`), which
+    widens a block's panel to fp32 in the L1 and multiplies it in register tiles, as int8's prefill does: as
+    fast as fp32 BLAS on the fp32 weight, or faster.
   - off the CPU, or where the native library cannot be built: the weight converted to x's dtype, F.linear.
 Weights are held, on CPU with the kernel, in blocks of 32 output channels (`native.pack_blocks`).
 """
@@ -56,7 +57,7 @@ def kernel_available() -> bool:
 
 def decode_isa(info: cpu.CPU) -> str:
     """The half_gemv variant for this CPU: AVX-512 (16 fp32 per register) where it has AVX-512F/BW."""
-    return "avx512" if info.has("avx512") else "avx2"
+    return info.vector_isa
 
 
 def prefill_uses_bf16_gemm(mode: str, info: cpu.CPU) -> bool:
@@ -100,11 +101,11 @@ class HalfLinear(nn.Module):
             decode = "decode: weights converted to fp32 per call (the native kernel could not be built)"
         if self.bf16_gemm:
             prefill = f"prefill: bf16 GEMM, oneDNN ({info.why('avx512_bf16', 'amx_bf16')})"
-        elif self.mode == "fp32":
-            prefill = "prefill: BLAS over the blocks"
+        elif self.isa:
+            why = {"fp16": "fp16 weights", "fp32": "fp32 weights"}.get(self.mode) or info.why("avx512_bf16", "amx_bf16")
+            prefill = f"prefill: blocks GEMM {self.isa} (ours, fp32 panels of the blocks; {why})"
         else:
-            why = "fp16 weights" if self.mode == "fp16" else info.why("avx512_bf16", "amx_bf16")
-            prefill = f"prefill: widen to fp32 + BLAS ({why})"
+            prefill = "prefill: weights converted to fp32 + BLAS"
         return f"{decode}; {prefill}"
 
     def extra_repr(self) -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from openmedgemma.engine import cpu
+
 KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp", "attention.cpp", "blocks.cpp")  # one library, each registers its own ops
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 HEADERS = (Path(__file__).with_name("gemv_group.h"),)  # included by the sources: part of the build's cache key
@@ -52,31 +54,28 @@ def unpack_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
     return blocks.transpose(1, 2).reshape(-1, blocks.shape[1])[:n]
 
 
-WIDEN_BYTES = 3 << 19  # blocks widened per batched matmul: ~1.5 MB, so they are read back from the caches
+WIDEN_BYTES = 3 << 19  # bf16 columns made per GEMM: ~1.5 MB, so they are read back from the caches
 
 
-def blocks_matmul(x: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """x [M, K] times blocked weights [B, K, 32] (widened to x's dtype) -> [M, n], for prefill: in fp32 batched
-    matmuls over the blocks as they lie, a few blocks at a time so that the widened copy never goes out to memory.
-    Re-laying all of them out as [K, N] columns for one GEMM costs more (130M shapes, 128 rows, EPYC Zen 4,
-    2 threads: int8 gate/up 14.0 ms that way, 8.0 ms this way, the fp32 GEMM's 8-9 ms; benchmarks/RESULTS.md):
-    a fresh weight-sized buffer is page faults and memory traffic, a cache-sized one is reused."""
-    m, k = x.shape
-    step = max(1, WIDEN_BYTES // (k * blocks.shape[2] * x.element_size()))  # blocks per matmul
-    if x.dtype != torch.float32:  # e.g. bf16 activations (a model loaded in bf16): oneDNN's bf16 GEMM on a few
-        y = x.new_empty(m, blocks.shape[0] * blocks.shape[2])  # blocks' columns at a time (2-3x a bf16 bmm over
-        for first in range(0, blocks.shape[0], step):  # the blocks; all columns at once: 2.4x slower at 4b)
-            columns = blocks_to_columns(blocks[first : first + step], x.dtype)
-            y[:, first * blocks.shape[2] : first * blocks.shape[2] + columns.shape[1]] = x @ columns
-        return y[:, :n]
-    if blocks.dtype == x.dtype:
-        y = torch.bmm(x.expand(blocks.shape[0], m, k), blocks)  # [B, M, 32]
-    else:
-        y = x.new_empty(blocks.shape[0], m, blocks.shape[2])
-        for first in range(0, blocks.shape[0], step):
-            part = blocks[first : first + step]
-            torch.bmm(x.expand(part.shape[0], m, k), part.to(x.dtype), out=y[first : first + step])
-    return y.transpose(0, 1).reshape(m, -1)[:, :n]
+def blocks_matmul(x: torch.Tensor, blocks: torch.Tensor, n: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] times blocked weights [B, K, 32] (int8 / fp16 / bf16 / fp32), times `scale` [n] per output if given
+    -> [M, n] in x's dtype, for prefill. fp32 x on CPU: `blocks.cpp`'s GEMM, which widens each block's weights for
+    256 inputs once into an L1-sized fp32 panel, multiplies it in register tiles (12 rows x 32 outputs with
+    AVX-512, 6 x 16 with AVX2) and so reads the blocks as they lie: at the 130M shapes, 128 rows, it took
+    0.70-1.0x the time of MKL's sgemm on the same weight in fp32 at 1 thread (benchmarks/RESULTS.md); the batched
+    matmuls over the blocks it replaced took 1.0-1.3x, and widening the whole weight to [K, N] first more.
+    Other x (bf16 activations, a model loaded in bf16): oneDNN's GEMM on a few blocks' columns at a time, which
+    is 2-3x a bf16 batched matmul over the blocks, and all columns at once was 2.4x slower at 4b."""
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        s = None if scale is None else scale.float().contiguous()
+        return torch.ops.openmedgemma.blocks_matmul(x.contiguous(), blocks, s, n, cpu.detect().vector_isa)
+    m = x.shape[0]
+    step = max(1, WIDEN_BYTES // (x.shape[1] * blocks.shape[2] * x.element_size()))  # blocks per GEMM
+    y = x.new_empty(m, blocks.shape[0] * blocks.shape[2])
+    for first in range(0, blocks.shape[0], step):
+        columns = blocks_to_columns(blocks[first : first + step], x.dtype)
+        y[:, first * blocks.shape[2] : first * blocks.shape[2] + columns.shape[1]] = x @ columns
+    return y[:, :n] if scale is None else y[:, :n] * scale.to(x.dtype)
 
 
 def blocks_to_columns(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -139,6 +138,7 @@ def int8_gemv_available() -> bool:
     torch.library.register_fake("openmedgemma::int8_gemv")(_fake)
     torch.library.register_fake("openmedgemma::rms_norm")(lambda x, gain, eps: torch.empty_like(x))
     torch.library.register_fake("openmedgemma::decode_attention")(lambda q, k, v, mask, scale: q.new_empty(q.shape))
+    torch.library.register_fake("openmedgemma::blocks_matmul")(lambda x, w, scale, n, isa: x.new_empty((x.shape[0], n)))
     torch.library.register_fake("openmedgemma::int8_gemv_group")(lambda x, w, scale, n: x.new_empty((x.shape[0], sum(n))))
     return True
 

@@ -5,7 +5,8 @@
   - CPU, decode (a few rows): the engine's AVX2 kernel (`engine/native.py`, built once on first use),
     which streams the int8 weights, held in blocks of 32 output channels, at close to the memory
     bandwidth. Where it cannot be built, torch's `_weight_int8pack_mm` (fast on AVX-512 only).
-    Prefill (many rows): dequantize, then one BLAS matmul.
+    Prefill (many rows): the engine's GEMM over the same blocks (`native.blocks_matmul`: each block's panel
+    widened to fp32 in the L1, then register tiles), as fast as fp32 BLAS on the fp32 weight or faster.
   - other devices: dequantize then matmul (`F.linear(x, q.to(x.dtype)) * scale`), which saves
     memory but not time unless fused by torch.compile.
 `quantize(model, "int8-dynamic")` (CPU only) stores the same int8 weights but runs them with
@@ -29,7 +30,7 @@ from openmedgemma.errors import OpenMedGemmaError
 # mode -> the layer class that replaces an nn.Linear: cls(weight, mode). Each weight format lives in its own
 # module and adds itself here (one line); `quantize`, `quantized_head`, Engine and the CLIs read this.
 LAYERS: dict[str, type] = {}
-# Above this many rows (prefill), dequantizing once and running one BLAS matmul beats the int8 kernel.
+# Above this many rows (prefill), a GEMM (which reuses each widened weight for many rows) beats the int8 kernel.
 FUSED_MAX_ROWS = 8
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -118,7 +119,7 @@ class Int8Linear(nn.Module):
         w, scale = self.weight_int8, self.scale.to(x.dtype)
         if w.dim() == 2:
             return F.linear(x, w.to(x.dtype)) * scale
-        return native.blocks_matmul(x, w, self.out_features) * scale
+        return native.blocks_matmul(x, w, self.out_features, scale)
 
 
 LAYERS.update({"int8": Int8Linear, "int8-dynamic": Int8Linear})
@@ -138,11 +139,11 @@ def _int8_kernel(mode: str, on_cpu: bool, blocked: bool) -> str:
         return "fbgemm's dynamic int8 linear (activations quantized to int8 per call)"
     if not on_cpu:
         return "dequantize, then the device's matmul"
-    prefill = f"prefill (> {FUSED_MAX_ROWS} rows): dequantize + BLAS"
     if blocked:
         info = cpu.detect()
+        prefill = f"prefill (> {FUSED_MAX_ROWS} rows): blocks GEMM {info.vector_isa} (ours, fp32 panels of the blocks)"
         return f"decode: int8_gemv (ours; faster than torch's _weight_int8pack_mm, {info.why('avx512')}); {prefill}"
-    return f"decode: torch's _weight_int8pack_mm (our kernel could not be built); {prefill}"
+    return f"decode: torch's _weight_int8pack_mm (our kernel could not be built); prefill: dequantize + BLAS"
 
 
 def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, device: torch.device):
