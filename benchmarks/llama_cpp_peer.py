@@ -176,9 +176,11 @@ def convert(hf_folder: Path, out: Path, outtype: str, log: Path) -> Path:
     if not (hf_folder / "tokenizer.model").exists():
         write_tokenizer(hf_folder, json.loads((hf_folder / "config.json").read_text())["vocab_size"])
     target = out / f"model-{outtype}.gguf"
+    partial = target.with_suffix(".partial")  # renamed when whole: an interrupted run leaves no GGUF to reuse
     with open(log, "a") as f:
         subprocess.run([sys.executable, str(converter()), str(hf_folder), "--outtype", outtype, "--outfile",
-                        str(target)], check=True, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+                        str(partial)], check=True, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+    partial.replace(target)
     return target
 
 
@@ -189,10 +191,12 @@ def quantize(llama_cpp, source: Path, kind: str, threads: int, log: Path | str =
     target = source.with_name(f"model-{kind}.gguf")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftypes[kind], threads
+    partial = target.with_suffix(".partial")
     with native_output_to(log):
-        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
     if failed:
         raise RuntimeError(f"llama_model_quantize {source} -> {kind} failed (log: {log})")
+    partial.replace(target)
     return target
 
 

@@ -328,7 +328,8 @@ def test_norm_kernels_on_quantized_cpu_fp32_decoders_only(ours_text):
 def test_decode_attention_kernel_gives_the_sdpa_tokens(ours_text):
     """A quantized CPU fp32 decoder attends through `native.decode_attention` at decode (one call per layer per
     step, none at prefill), with the tokens SDPA gives, over a left-padded batch whose sliding layers wrap their
-    ring; a plain fp32 and a bf16 decoder keep SDPA; `remove_kernels` takes it off."""
+    ring; so does a quantized bf16 one; a plain fp32 and a plain bf16 decoder keep SDPA; `remove_kernels` takes
+    it off."""
     from openmedgemma.engine import native, quantize
     from openmedgemma.engine.fast import remove_kernels
 
@@ -358,10 +359,17 @@ def test_decode_attention_kernel_gives_the_sdpa_tokens(ours_text):
     DecoderRunner(lm)
     remove_kernels(lm)
     assert all(layer.self_attn.attend is None for layer in lm.layers)
-    half = copy.deepcopy(ours_text).to(torch.bfloat16)
+    half = copy.deepcopy(ours_text).to(torch.bfloat16)  # bf16 (as the 4b is loaded): its bf16 cache, read widened
     quantize(half, "int4")
-    DecoderRunner(half.language_model)
-    assert all(layer.self_attn.attend is None for layer in half.language_model.layers)
+    decoder = DecoderRunner(half.language_model)
+    assert all(layer.self_attn.attend is native.decode_attention for layer in half.language_model.layers)
+    got = generate_ids(half, prompts, None, config, fast=decoder)
+    for layer in half.language_model.layers:
+        layer.self_attn.attend = None
+    assert got == generate_ids(half, prompts, None, config, fast=decoder)
+    bf16 = copy.deepcopy(ours_text).to(torch.bfloat16)  # not quantized: the native library is not waited for
+    DecoderRunner(bf16.language_model)
+    assert all(layer.self_attn.attend is None for layer in bf16.language_model.layers)
 
 
 # ------------------------------------------------------------------ fp32 decode rows over the threads

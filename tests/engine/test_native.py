@@ -6,10 +6,13 @@ failure, not a skip, since int8 decode would silently fall back to torch's slow 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from openmedgemma.engine import Int8Linear, cpu, native
+from openmedgemma.engine.int4 import Int4Linear
 from openmedgemma.engine.quant import quantize_weight
 
 
@@ -169,24 +172,30 @@ def _attention_reference(q, k, v, mask, scale):
     ("b", "hq", "hkv", "s", "d", "mask"),
     [(1, 6, 3, 257, 128, "prefix"), (2, 4, 4, 9, 20, "per-row"), (3, 8, 2, 33, 64, None), (2, 2, 1, 1, 8, "prefix")],
 )
-def test_decode_attention_equals_softmax_attention(kernel, b, hq, hkv, s, d, mask):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_softmax_attention(kernel, b, hq, hkv, s, d, mask, dtype):
     """One query per row over a cache slice (strided k / v, q a slice of q and k side by side, as the model has
     them), GQA without repeating the cache, masks shared by the rows or per row: float64 softmax attention and
-    torch's SDPA, to fp32 rounding."""
+    torch's SDPA, to fp32 rounding; a bf16 cache (a model loaded in bf16) is read as its exact values, the
+    result rounded to bf16 once."""
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(b * 100 + s)
-    q = torch.randn(b, hq + hkv, 1, d, generator=gen)[:, :hq]
-    k = torch.randn(b, hkv, s + 7, d, generator=gen)[:, :, :s]  # a cache with room left
-    v = torch.randn(b, hkv, s + 7, d, generator=gen)[:, :, :s]
+    q = torch.randn(b, hq + hkv, 1, d, generator=gen).to(dtype)[:, :hq]
+    k = torch.randn(b, hkv, s + 7, d, generator=gen).to(dtype)[:, :, :s]  # a cache with room left
+    v = torch.randn(b, hkv, s + 7, d, generator=gen).to(dtype)[:, :, :s]
     if mask == "prefix":
         mask = (torch.arange(s) <= s * 2 // 3)[None, None, None]
     elif mask == "per-row":
         mask = torch.rand(b, 1, 1, s, generator=gen) < 0.6
         mask[..., -1] = True  # a decode row always sees its own key
     out = native.decode_attention(q, k, v, mask, 0.3)
-    assert out.shape == (b, hq, 1, d) and out.is_contiguous()
-    torch.testing.assert_close(out.double(), _attention_reference(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-6)
+    assert out.shape == (b, hq, 1, d) and out.is_contiguous() and out.dtype == dtype
+    ref = _attention_reference(q.double(), k.double(), v.double(), mask, 0.3)
+    if dtype == torch.bfloat16:  # exact inputs, fp32 sums, one rounding to bf16 (2^-9 relative)
+        assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-5).all()
+        return
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=hq != hkv)
     torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=1e-6)
 
@@ -198,7 +207,8 @@ def test_decode_attention_declines_what_it_does_not_take_and_refuses_bad_shapes(
     none[0, 0, 0, :] = False  # no key allowed: zeros, not NaN
     assert torch.equal(native.decode_attention(q, k, k, none, 0.25), torch.zeros_like(out))
     assert native.decode_attention(torch.randn(1, 4, 2, 16), k, k, None, 0.25) is None  # prefill: SDPA runs it
-    assert native.decode_attention(q.bfloat16(), k.bfloat16(), k.bfloat16(), None, 0.25) is None
+    assert native.decode_attention(q, k.bfloat16(), k.bfloat16(), None, 0.25) is None  # mixed dtypes: SDPA
+    assert native.decode_attention(q.half(), k.half(), k.half(), None, 0.25) is None
     assert native.decode_attention(q, k, k, mask.float(), 0.25) is None  # additive masks: SDPA
     assert native.decode_attention(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), k, None, 0.25) is None
     ops = torch.ops.openmedgemma
@@ -206,6 +216,8 @@ def test_decode_attention_declines_what_it_does_not_take_and_refuses_bad_shapes(
         ops.decode_attention(q, k, k, torch.ones(1, 1, 1, 6, dtype=torch.bool), 0.25)
     with pytest.raises(RuntimeError, match="3 query heads do not share 2 KV heads"):
         ops.decode_attention(q[:, :3], k, k, None, 0.25)
+    with pytest.raises(RuntimeError, match="q must be fp32, k and v both fp32 or both bf16"):
+        ops.decode_attention(q, k.bfloat16(), k, None, 0.25)
     with pytest.raises(RuntimeError, match="one query per row"):
         ops.decode_attention(torch.randn(1, 4, 2, 16), k, k, None, 0.25)
     torch.library.opcheck(ops.decode_attention.default, (q, k, torch.randn(1, 2, 5, 16), mask, 0.25))
@@ -307,3 +319,32 @@ def test_bf16_columns_op_equals_the_permuted_copy(kernel, dtype):
     assert torch.equal(got, copy)
     with pytest.raises(RuntimeError, match=r"contiguous int8 or bfloat16 CPU blocks \[B, K, 32\]"):
         torch.ops.openmedgemma.blocks_to_bf16_columns(blocks.float())
+
+
+# ------------------------------------------------------------------ weights decode streams: huge pages
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps", encoding="ascii", errors="replace"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages")
+def test_blocked_weights_are_advised_to_huge_pages():
+    """Weights decode streams each token (int8 / 16-bit blocks, int4) ask for transparent huge pages before they are
+    written (`madvise(MADV_HUGEPAGE)` on the 2 MB-aligned interior: VmFlags "hg"); small ones are left alone."""
+    blocks = native.pack_blocks(torch.ones(1024, 4096, dtype=torch.int8))  # 4 MB
+    middle = -(-blocks.data_ptr() // native.HUGE_PAGE) * native.HUGE_PAGE
+    assert "hg" in _vm_flags(middle) and torch.equal(native.unpack_blocks(blocks, 1024), torch.ones(1024, 4096, dtype=torch.int8))
+    int4 = Int4Linear(torch.randn(2048, 4096)).weight_int4  # 4 MB
+    assert "hg" in _vm_flags(-(-int4.data_ptr() // native.HUGE_PAGE) * native.HUGE_PAGE)
+    small = native.streamed_empty((1 << 20,), torch.uint8)
+    assert "hg" not in _vm_flags(small.data_ptr())

@@ -1,5 +1,6 @@
 // Attention of one query token per row over a KV cache, for the decoder's decode steps (engine/fast.py
-// installs it on the attention layers of quantized CPU fp32 decoders).
+// installs it on the attention layers of quantized CPU decoders, fp32 or bf16: a bf16 cache is widened as it is
+// read, the query and the sums are fp32).
 //
 //   out[b, h, 0, :] = sum_s p[s] v[b, h / G, s, :],  p = softmax_s(scale * q[b, h, 0, :] . k[b, h / G, s, :])
 //
@@ -14,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,35 +26,44 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t D) {
+// The cache is fp32 or bf16 (a model loaded in bf16): 8 of its values as fp32, and one as fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+inline float load1(float v) { return v; }
+inline float load1(c10::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t D) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t d = 0;
   for (; d + 32 <= D; d += 32) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 16), _mm256_loadu_ps(b + d + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 24), _mm256_loadu_ps(b + d + 24), a3);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), load8(b + d + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 16), load8(b + d + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 24), load8(b + d + 24), a3);
   }
-  for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), a0);
+  for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), a0);
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (; d < D; ++d) s += a[d] * b[d];
+  for (; d < D; ++d) s += a[d] * load1(b[d]);
   return s;
 }
 
-inline void axpy(float p, const float* x, float* y, int64_t D) {  // y += p x
+template <typename T>
+inline void axpy(float p, const T* x, float* y, int64_t D) {  // y += p x
   const __m256 pv = _mm256_set1_ps(p);
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
-  for (; d < D; ++d) y[d] += p * x[d];
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(pv, load8(x + d), _mm256_loadu_ps(y + d)));
+  for (; d < D; ++d) y[d] += p * load1(x[d]);
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, double scale) {
-  for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->is_cpu() && t->stride(3) == 1,
-                "decode_attention: q, k, v must be fp32 CPU [B, heads, T, D] with D contiguous");
+template <typename T>
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                  double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   TORCH_CHECK(q.size(2) == 1, "decode_attention: one query per row (T = 1), got T = ", q.size(2));
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(3) == D && v.size(1) == Hkv &&
@@ -73,16 +84,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t G = Hq / Hkv;
   at::Tensor out = at::empty({B, Hq, 1, D}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(G * S);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
-      const float* kb = kp + b * k.stride(0) + h * k.stride(1);
-      const float* vb = vp + b * v.stride(0) + h * v.stride(1);
+      const T* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const T* vb = vp + b * v.stride(0) + h * v.stride(1);
       const bool* mb = mp ? mp + b * mask_b : nullptr;
       std::vector<float> maxes(G, neg_inf);
       for (int64_t s = 0; s < S; ++s) {  // every key read once for the G queries that share it
@@ -108,13 +119,24 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         for (int64_t s = 0; s < S; ++s) pg[s] *= inv;
       }
       for (int64_t s = 0; s < S; ++s) {  // every value read once
-        const float* vs = vb + s * v.stride(2);
+        const T* vs = vb + s * v.stride(2);
         for (int64_t g = 0; g < G; ++g)
           if (p[g * S + s] != 0.0f) axpy(p[g * S + s], vs, ob + g * D, D);
       }
     }
   });
   return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->dim() == 4 && t->is_cpu() && t->stride(3) == 1,
+                "decode_attention: q, k, v must be CPU [B, heads, T, D] with D contiguous");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "decode_attention: q must be fp32, k and v both fp32 or both bf16");
+  return k.scalar_type() == at::kFloat ? attend<float>(q, k, v, mask, scale) : attend<c10::BFloat16>(q, k, v, mask, scale);
 }
 
 }  // namespace

@@ -269,8 +269,11 @@ def install_kernels(language_model, *, prepack: bool = False) -> int:
     norm = native.rms_norm if quantized and _cpu_fp32(language_model) and native.int8_gemv_available() else None
     for module in _norms(language_model):
         module.fused = norm
+    weight = language_model.embed_tokens.weight  # attention: fp32 or bf16 (a model loaded in bf16, as the 4b is)
+    cpu_bf16 = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+    attend = quantized and (norm is not None or (cpu_bf16 and native.int8_gemv_available()))
     for layer in language_model.layers:
-        layer.self_attn.attend = native.decode_attention if norm else None
+        layer.self_attn.attend = native.decode_attention if attend else None
     return total
 
 
