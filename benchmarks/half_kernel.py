@@ -4,8 +4,9 @@
 
 Decode: fp32 BLAS (the faster of the [N, K] and [K, N] layouts), the engine's `half_gemv` (bf16 and fp16,
 each variant this CPU runs), torch's bf16 `F.linear` (oneDNN; x cast to bf16), and our int8 kernel and
-torch's `_weight_int8pack_mm` for the int8 choice. Prefill: fp32 BLAS, the 16-bit blocks widened to fp32 then
-BLAS, and a bf16 GEMM (oneDNN; native on AVX-512-BF16 / AMX CPUs). Shapes and the rotation over 4 weights
+torch's `_weight_int8pack_mm` for the int8 choice. Prefill: fp32 BLAS, the engine's GEMM over the blocks
+(`native.blocks_matmul`, fp32 x: what int8 / fp16 / bf16 / fp32 blocks run; each variant this CPU runs), the
+16-bit blocks widened to fp32 then BLAS, and a bf16 GEMM (oneDNN; native on AVX-512-BF16 / AMX CPUs). Shapes and the rotation over 4 weights
 (so they come from memory) as benchmarks/int8_kernel.py.
 """
 
@@ -70,7 +71,11 @@ def main() -> None:
         dec["torch int8pack"] = timed(lambda: torch.ops.aten._weight_int8pack_mm(x, pick(q), scale), max(3, r // 5))
         pr = max(3, r // 5)
         pre32 = timed(lambda: xs @ pick(w_kn), pr)
-        pre = {"widen+BLAS": timed(lambda: xs @ widen(bf, torch.float32), pr),
+        b32 = [native.pack_blocks(w) for w in ws]
+        gemm = torch.ops.openmedgemma.blocks_matmul
+        pre = {f"blocks GEMM {label} {isa}": timed(lambda b=b, isa=isa: gemm(xs, pick(b), None, n, isa), pr)
+               for label, b in (("int8", qb), ("fp16", fp), ("bf16", bf), ("fp32", b32)) for isa in isas}
+        pre |= {"widen+BLAS": timed(lambda: xs @ widen(bf, torch.float32), pr),
                "bf16 GEMM": timed(lambda: (xs.bfloat16() @ widen(bf, torch.bfloat16)).float(), pr)}  # fmt: skip
         cells = " ".join(f"{label} {t * 1e6:.0f} ({fp32 / t:.2f})" for label, t in dec.items())
         prefill = " ".join(f"{label} {t * 1e6:.0f} ({pre32 / t:.2f})" for label, t in pre.items())

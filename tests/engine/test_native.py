@@ -6,13 +6,10 @@ failure, not a skip, since int8 decode would silently fall back to torch's slow 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from openmedgemma.engine import Int8Linear, cpu, native
-from openmedgemma.engine.int4 import Int4Linear
 from openmedgemma.engine.quant import quantize_weight
 
 
@@ -320,31 +317,3 @@ def test_bf16_columns_op_equals_the_permuted_copy(kernel, dtype):
     with pytest.raises(RuntimeError, match=r"contiguous int8 or bfloat16 CPU blocks \[B, K, 32\]"):
         torch.ops.openmedgemma.blocks_to_bf16_columns(blocks.float())
 
-
-# ------------------------------------------------------------------ weights decode streams: huge pages
-
-
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
-    inside = False
-    for line in open("/proc/self/smaps", encoding="ascii", errors="replace"):
-        head = line.split()[0]
-        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
-            start, end = (int(v, 16) for v in head.split("-"))
-            inside = start <= address < end
-        elif inside and head == "VmFlags:":
-            return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages")
-def test_blocked_weights_are_advised_to_huge_pages():
-    """Weights decode streams each token (int8 / 16-bit blocks, int4) ask for transparent huge pages before they are
-    written (`madvise(MADV_HUGEPAGE)` on the 2 MB-aligned interior: VmFlags "hg"); small ones are left alone."""
-    blocks = native.pack_blocks(torch.ones(1024, 4096, dtype=torch.int8))  # 4 MB
-    middle = -(-blocks.data_ptr() // native.HUGE_PAGE) * native.HUGE_PAGE
-    assert "hg" in _vm_flags(middle) and torch.equal(native.unpack_blocks(blocks, 1024), torch.ones(1024, 4096, dtype=torch.int8))
-    int4 = Int4Linear(torch.randn(2048, 4096)).weight_int4  # 4 MB
-    assert "hg" in _vm_flags(-(-int4.data_ptr() // native.HUGE_PAGE) * native.HUGE_PAGE)
-    small = native.streamed_empty((1 << 20,), torch.uint8)
-    assert "hg" not in _vm_flags(small.data_ptr())

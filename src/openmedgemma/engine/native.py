@@ -16,7 +16,6 @@ Weights for the kernel are held in blocks of 32 output channels: `pack_blocks` /
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import os
@@ -47,36 +46,7 @@ def pack_blocks(q: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] -> [ceil(N / 32), K, 32]: each block's 32 weights of one input adjacent (rows past N zero)."""
     n, k = q.shape
     pad = -n % BLOCK
-    blocks = F.pad(q, (0, 0, 0, pad)).view(-1, BLOCK, k).transpose(1, 2)
-    out = streamed_empty(blocks.shape, q.dtype) if q.device.type == "cpu" else torch.empty_like(blocks)
-    return out.copy_(blocks)
-
-
-HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
-
-
-def streamed_empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty for a CPU weight that decode streams once per token: on Linux, before it is first written, its
-    2 MB-aligned interior is advised to the kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`, honoured
-    where /sys/kernel/mm/transparent_hugepage/enabled is "always" or "madvise", the common default): one TLB entry
-    per 2 MB instead of per 4 KB. 4b int4 layers, 1 row, EPYC Zen 4: 17-19 -> 19-23 GB/s at 1 thread
-    (benchmarks/RESULTS.md). Advice only: where it is refused, or off Linux, the buffer is an ordinary one."""
-    out = torch.empty(shape, dtype=dtype)
-    nbytes = out.numel() * out.element_size()
-    if sys.platform.startswith("linux") and nbytes >= 2 * HUGE_PAGE:
-        start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        end = (out.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
-        if end > start:
-            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
-    return out
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc
+    return F.pad(q, (0, 0, 0, pad)).view(-1, BLOCK, k).transpose(1, 2).contiguous()
 
 
 def unpack_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
@@ -92,8 +62,8 @@ def blocks_matmul(x: torch.Tensor, blocks: torch.Tensor, n: int, scale: torch.Te
     -> [M, n] in x's dtype, for prefill. fp32 x on CPU: `blocks.cpp`'s GEMM, which widens each block's weights for
     256 inputs once into an L1-sized fp32 panel, multiplies it in register tiles (12 rows x 32 outputs with
     AVX-512, 6 x 16 with AVX2) and so reads the blocks as they lie: at the 130M shapes, 128 rows, it took
-    0.70-1.0x the time of MKL's sgemm on the same weight in fp32 at 1 thread (benchmarks/RESULTS.md); the batched
-    matmuls over the blocks it replaced took 1.0-1.3x, and widening the whole weight to [K, N] first more.
+    0.72-1.06x the time of MKL's sgemm on the same weight in fp32 at 1 thread (benchmarks/RESULTS.md); the batched
+    matmuls over the blocks it replaced took 1.0-1.4x, and widening the whole weight to [K, N] first more.
     Other x (bf16 activations, a model loaded in bf16): oneDNN's GEMM on a few blocks' columns at a time, which
     is 2-3x a bf16 batched matmul over the blocks, and all columns at once was 2.4x slower at 4b."""
     if x.dtype == torch.float32 and x.device.type == "cpu":
