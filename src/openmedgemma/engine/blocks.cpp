@@ -66,8 +66,8 @@ at::Tensor blocks_to_bf16_columns(const at::Tensor& blocks) {
 // widening per panel, not one per tile; fp32 blocks are read as they lie). Register tiles: AVX-512
 // 12 rows x 32 outputs (24 accumulators), AVX2 6 rows x 16 outputs (12). Each thread takes a range of blocks, in
 // groups whose outputs [M, group * 32] stay in L2 while the passes over K (kKc inputs each) add to them.
-// 130M shapes, 128 rows, EPYC Zen 4: 0.72-1.06x the time of MKL's sgemm on the same weight in fp32 at 1 thread,
-// 0.55-1.05x at 2 (benchmarks/RESULTS.md).
+// 130M shapes, 128 rows, EPYC Zen 4: 0.8-1.4x the speed of MKL's sgemm on the same weight in fp32 at 1 thread,
+// 1.1-2.1x at 2 (benchmarks/RESULTS.md).
 
 constexpr int64_t kKc = 256;  // inputs per pass: a block's panel [256, 32] widened to fp32 is 32 KB (128: within noise)
 constexpr int64_t kGroupBytes = 256 << 10;  // outputs per group of blocks

@@ -2,8 +2,8 @@
 
 `quantize(model, "bf16")` / `quantize(model, "fp16")` replace the decoder's linear layers by `HalfLinear`.
 `quantize(model, "fp32")` does too, keeping the fp32 values: only the layout changes (the decode kernel's blocks
-stream ~1.2x faster than BLAS's 1-row sgemm at one thread; prefill is the engine's GEMM over the blocks, as fast
-as BLAS's or faster).
+stream ~1.2x faster than BLAS's 1-row sgemm at one thread; prefill is the engine's GEMM over the blocks, about as fast
+as BLAS's on the plain weight).
 bf16 keeps fp32's range with 8 bits of mantissa (relative rounding 2^-9); fp16 has 11 bits (2^-12) but
 overflows above 65504, which is refused at load. The kernels, chosen per CPU (`engine/cpu.py`) and
 recorded in each layer's `kernel`, from measurements in benchmarks/RESULTS.md ("Weight formats on CPU"):
@@ -17,8 +17,8 @@ recorded in each layer's `kernel`, from measurements in benchmarks/RESULTS.md ("
     bf16, one bf16 GEMM (oneDNN; the activations are rounded to bf16 too, inputs of the matmul only,
     accumulation in fp32), 1.1-2.3x faster than fp32 BLAS there (widening, then BLAS: 0.54-0.86x); elsewhere
     (no native bf16, or fp16, or fp32 blocks) the engine's GEMM over the blocks (`native.blocks_matmul`), which
-    widens a block's panel to fp32 in the L1 and multiplies it in register tiles, as int8's prefill does: as
-    fast as fp32 BLAS on the fp32 weight, or faster.
+    widens a block's panel to fp32 in the L1 and multiplies it in register tiles, as int8's prefill does: 0.8-1.4x
+    the speed of fp32 BLAS on the fp32 weight at 1 thread, 1.1-2.1x at 2.
   - off the CPU, or where the native library cannot be built: the weight converted to x's dtype, F.linear.
 Weights are held, on CPU with the kernel, in blocks of 32 output channels (`native.pack_blocks`).
 """

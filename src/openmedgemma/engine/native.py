@@ -61,9 +61,9 @@ def blocks_matmul(x: torch.Tensor, blocks: torch.Tensor, n: int, scale: torch.Te
     """x [M, K] times blocked weights [B, K, 32] (int8 / fp16 / bf16 / fp32), times `scale` [n] per output if given
     -> [M, n] in x's dtype, for prefill. fp32 x on CPU: `blocks.cpp`'s GEMM, which widens each block's weights for
     256 inputs once into an L1-sized fp32 panel, multiplies it in register tiles (12 rows x 32 outputs with
-    AVX-512, 6 x 16 with AVX2) and so reads the blocks as they lie: at the 130M shapes, 128 rows, it took
-    0.72-1.06x the time of MKL's sgemm on the same weight in fp32 at 1 thread (benchmarks/RESULTS.md); the batched
-    matmuls over the blocks it replaced took 1.0-1.4x, and widening the whole weight to [K, N] first more.
+    AVX-512, 6 x 16 with AVX2) and so reads the blocks as they lie: at the 130M shapes, 128 rows, 0.8-1.4x the
+    speed of MKL's sgemm on the same weight in fp32 at 1 thread, 1.1-2.1x at 2 (benchmarks/RESULTS.md); the
+    batched matmuls over the blocks it replaced ran at 0.70-1.04x, widening the whole weight to [K, N] first less.
     Other x (bf16 activations, a model loaded in bf16): oneDNN's GEMM on a few blocks' columns at a time, which
     is 2-3x a bf16 batched matmul over the blocks, and all columns at once was 2.4x slower at 4b."""
     if x.dtype == torch.float32 and x.device.type == "cpu":
