@@ -24,14 +24,13 @@
 #include <optional>
 #include <vector>
 
+#include "widen.h"
+
 namespace {
 
 // The cache is fp32 or bf16 (a model loaded in bf16): 8 of its values as fp32, and one as fp32.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-}
+inline __m256 load8(const float* p) { return omg::load8<omg::Kind::fp32>(p); }
+inline __m256 load8(const c10::BFloat16* p) { return omg::load8<omg::Kind::bf16>(reinterpret_cast<const uint16_t*>(p)); }
 inline float load1(float v) { return v; }
 inline float load1(c10::BFloat16 v) { return static_cast<float>(v); }
 

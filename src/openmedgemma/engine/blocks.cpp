@@ -23,6 +23,8 @@
 #include <utility>
 #include <vector>
 
+#include "widen.h"
+
 namespace {
 
 constexpr int64_t kBlock = 32;
@@ -79,10 +81,9 @@ void widen_panel(const T* src, int64_t n, float* dst) {  // n values (a multiple
     if constexpr (std::is_same_v<T, int8_t>) {
       f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i))));
     } else if constexpr (std::is_same_v<T, at::Half>) {
-      f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    } else {  // bf16: the top 16 bits of an fp32
-      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-      f = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+      f = omg::load8<omg::Kind::fp16>(reinterpret_cast<const uint16_t*>(src + i));
+    } else {
+      f = omg::load8<omg::Kind::bf16>(reinterpret_cast<const uint16_t*>(src + i));
     }
     _mm256_storeu_ps(dst + i, f);
   }
@@ -152,10 +153,7 @@ constexpr int kRows512 = 12, kRows2 = 6;  // rows per register tile
 constexpr auto kTiles512 = avx512_tiles(std::make_integer_sequence<int, kRows512>{});
 constexpr auto kTiles2 = avx2_tiles(std::make_integer_sequence<int, kRows2>{});
 
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-}
+using omg::cpu_has_avx512;
 
 template <typename T>
 void gemm_blocks(const float* x, int64_t M, int64_t K, const T* blocks, int64_t B, const float* scale, float* y,

@@ -270,8 +270,8 @@ def install_kernels(language_model, *, prepack: bool = False) -> int:
     for module in _norms(language_model):
         module.fused = norm
     weight = language_model.embed_tokens.weight  # attention: fp32 or bf16 (a model loaded in bf16, as the 4b is)
-    cpu_bf16 = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-    attend = quantized and (norm is not None or (cpu_bf16 and native.int8_gemv_available()))
+    attend = (quantized and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+              and native.int8_gemv_available())  # fmt: skip
     for layer in language_model.layers:
         layer.self_attn.attend = native.decode_attention if attend else None
     return total

@@ -28,28 +28,17 @@
 #include <type_traits>
 
 #include "gemv_group.h"
+#include "widen.h"
 
 namespace {
 
 constexpr int64_t kBlock = 32;
 
-// The weights' element type: 16-bit (widened in registers) or fp32 (the same loop, loads only).
-enum class Kind { bf16, fp16, fp32 };
-template <Kind K>
-using Elem = std::conditional_t<K == Kind::fp32, float, uint16_t>;
+using omg::Elem;
+using omg::Kind;
+using omg::load8;
 
 // ------------------------------------------------------------------ AVX2: 8 fp32 per register
-
-template <Kind K>
-inline __m256 load8(const Elem<K>* p) {  // 8 weights -> 8 fp32
-  if constexpr (K == Kind::fp32) {
-    return _mm256_loadu_ps(p);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    if constexpr (K == Kind::bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    else return _mm256_cvtph_ps(h);
-  }
-}
 
 template <Kind W>
 void block_dot_avx2(const float* x, const void* weights, int64_t K, float* out) {
@@ -121,10 +110,7 @@ OMG_AVX512 void block_dot_avx512(const float* x, const void* weights, int64_t K,
   _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_add_ps(a1, b1), _mm512_add_ps(c1, d1)));
 }
 
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-}
+using omg::cpu_has_avx512;
 
 // ------------------------------------------------------------------ the op
 

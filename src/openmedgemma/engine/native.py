@@ -33,7 +33,7 @@ from openmedgemma.engine import cpu
 
 KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp", "attention.cpp", "blocks.cpp")  # one library, each registers its own ops
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
-HEADERS = (Path(__file__).with_name("gemv_group.h"),)  # included by the sources: part of the build's cache key
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("gemv_group.h", "widen.h"))  # included by the sources: part of the build's cache key
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
 LOADED: Path | None = None  # the library file this process loaded (its name hashes the sources), if any
 
