@@ -37,8 +37,10 @@ def test_int8_kernels_equal_the_dequantized_weight(dtype, rows):
     assert out.shape == (*rows, 40) and out.dtype == dtype
     q, scale = quantize_weight(w.to(dtype))
     ref = (x.double() @ (q.double() * scale.to(dtype).double()[:, None]).T).to(dtype)
+    # the decode kernel rounds x to int16 (error <= sum_k |w_k| * max|x| / 65534: at most ~2e-3 here); prefill fp32
+    decode_tol = dict(atol=2e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
-    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(out, ref, **decode_tol)
     torch.testing.assert_close(layer.dequant_matmul(x.reshape(-1, 64)).reshape(out.shape), ref, **tol)
 
 

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "gemv_group.h"
+#include "widen.h"
 
 #include <cmath>
 #include <cstring>
@@ -144,19 +145,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) void block_vnni(
 
 using BlockFn = void (*)(const QuantRow&, const uint8_t*, const uint16_t*, int64_t, float*);
 
-bool has_vnni() {
-  __builtin_cpu_init();  // checks the OS saves the zmm state too
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
-}
-
-std::string int4_best_isa() { return has_vnni() ? "avx512vnni" : "avx2"; }
+std::string int4_best_isa() { return omg::cpu_has_avx512_vnni() ? "avx512vnni" : "avx2"; }
 
 BlockFn pick(const std::string& isa) {
   const std::string chosen = isa == "auto" ? int4_best_isa() : isa;
   if (chosen == "avx2") return block_avx2;
   TORCH_CHECK(chosen == "avx512vnni", "int4_gemv: isa must be auto, avx2 or avx512vnni, not ", isa);
-  TORCH_CHECK(has_vnni(), "int4_gemv: this CPU lacks AVX-512 VNNI (asked for isa=avx512vnni)");
+  TORCH_CHECK(omg::cpu_has_avx512_vnni(), "int4_gemv: this CPU lacks AVX-512 VNNI (asked for isa=avx512vnni)");
   return block_vnni;
 }
 

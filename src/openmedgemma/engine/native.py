@@ -90,9 +90,12 @@ def blocks_to_columns(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dense.copy_(blocks.permute(1, 0, 2)).view(k, -1)
 
 
-def int8_gemv(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
-    """fp32 x [M, K] times the blocked int8 weight, times scale [N] -> fp32 [M, N] (needs `int8_gemv_available()`)."""
-    return torch.ops.openmedgemma.int8_gemv(x, blocks, scale, n)
+def int8_gemv(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, n: int, isa: str = "auto") -> torch.Tensor:
+    """fp32 x [M, K] times the blocked int8 weight, times scale [N] -> fp32 [M, N] (needs `int8_gemv_available()`).
+
+    x is rounded to int16 per group of 256 inputs first (int8_gemv.cpp); isa forces a variant ("avx2",
+    "avx512vnni"; both give the same bits), "auto" takes the best this CPU has."""
+    return torch.ops.openmedgemma.int8_gemv(x, blocks, scale, n, isa)
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -143,11 +146,12 @@ def int8_gemv_available() -> bool:
     torch.library.register_fake("openmedgemma::rms_norm")(lambda x, gain, eps: torch.empty_like(x))
     torch.library.register_fake("openmedgemma::decode_attention")(lambda q, k, v, mask, scale: q.new_empty(q.shape))
     torch.library.register_fake("openmedgemma::blocks_matmul")(lambda x, w, scale, n, isa: x.new_empty((x.shape[0], n)))
-    torch.library.register_fake("openmedgemma::int8_gemv_group")(lambda x, w, scale, n: x.new_empty((x.shape[0], sum(n))))
+    torch.library.register_fake("openmedgemma::int8_gemv_group")(
+        lambda x, w, scale, n, isa="auto": x.new_empty((x.shape[0], sum(n))))
     return True
 
 
-def _fake(x, blocks, scale, n):  # output shape for torch.compile's tracing
+def _fake(x, blocks, scale, n, isa="auto"):  # output shape for torch.compile's tracing
     return x.new_empty((x.shape[0], n))
 
 

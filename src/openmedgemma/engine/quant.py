@@ -2,9 +2,11 @@
 
 `quantize(model, "int8")` replaces every linear layer of the decoder (q, k, v, o, gate, up, down) by
 `Int8Linear` in place. Weight-only: activations stay in the model dtype, y = (x @ q.T) * scale.
-  - CPU, decode (a few rows): the engine's AVX2 kernel (`engine/native.py`, built once on first use),
-    which streams the int8 weights, held in blocks of 32 output channels, at close to the memory
-    bandwidth. Where it cannot be built, torch's `_weight_int8pack_mm` (fast on AVX-512 only).
+  - CPU, decode (a few rows): the engine's kernel (`int8_gemv.cpp`, built once on first use; AVX2, or
+    AVX-512 VNNI where the CPU has it), which streams the int8 weights, held in blocks of 32 output
+    channels, at close to the memory bandwidth. It rounds x to int16 per group of 256 inputs (2^-16 of
+    the group's largest value, 256x finer than bf16) so that the products are integer ones.
+    Where it cannot be built, torch's `_weight_int8pack_mm` (fast on AVX-512 only).
     Prefill (many rows): the engine's GEMM over the same blocks (`native.blocks_matmul`: each block's panel
     widened to fp32 in the L1, then register tiles): 0.8-1.4x the speed of fp32 BLAS at 1 thread, 1.1-2.1x at 2.
   - other devices: dequantize then matmul (`F.linear(x, q.to(x.dtype)) * scale`), which saves
@@ -142,7 +144,8 @@ def _int8_kernel(mode: str, on_cpu: bool, blocked: bool) -> str:
     if blocked:
         info = cpu.detect()
         prefill = f"prefill (> {FUSED_MAX_ROWS} rows): blocks GEMM {info.vector_isa} (ours, fp32 panels of the blocks)"
-        return f"decode: int8_gemv (ours; faster than torch's _weight_int8pack_mm, {info.why('avx512')}); {prefill}"
+        decode = f"int8_gemv {torch.ops.openmedgemma.int8_best_isa()} (ours, x rounded to int16 per 256 inputs"
+        return f"decode: {decode}; faster than torch's _weight_int8pack_mm, {info.why('avx512', 'avx512_vnni')}); {prefill}"
     return f"decode: torch's _weight_int8pack_mm (our kernel could not be built); prefill: dequantize + BLAS"
 
 

@@ -1,5 +1,5 @@
 // Weights widened to fp32 in registers, shared by the kernels that read 16-bit or fp32 values (half_gemv.cpp,
-// blocks.cpp, attention.cpp), and the run-time check for their AVX-512 variants.
+// blocks.cpp, attention.cpp), and the run-time checks for the kernels' AVX-512 variants.
 
 #pragma once
 
@@ -30,5 +30,7 @@ inline bool cpu_has_avx512() {
   __builtin_cpu_init();  // checks the OS saves the zmm state too
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
+
+inline bool cpu_has_avx512_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 
 }  // namespace omg
