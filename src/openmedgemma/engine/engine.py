@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from openmedgemma.engine import hugepages
 from openmedgemma.engine.cpu import detect as detect_cpu
 from openmedgemma.engine.fast import DecoderRunner
 from openmedgemma.engine.generate import DEFAULT_PREFILL_CHUNK, VISION_BATCH, TokenStream, iter_image_features
@@ -143,7 +144,9 @@ def kernel_notice(model, mode: str, head=None) -> str:
     layers = [m for m in model.language_model.layers.modules() if hasattr(m, "kernel")] + ([head] if head else [])
     kernels = list(dict.fromkeys(m.kernel for m in layers))  # distinct, in order
     on_cpu = model.language_model.embed_tokens.weight.device.type == "cpu"
-    where = f"; CPU {detect_cpu().describe()}" if on_cpu else ""
+    buffers = [b for m in layers[:1] for b in m.buffers()]
+    pages = f"; {hugepages.describe(buffers[0])}" if on_cpu and buffers else ""
+    where = f"{pages}; CPU {detect_cpu().describe()}" if on_cpu else ""
     return f"openmedgemma: {mode} weights, {len(layers)} layers: {' | '.join(kernels)}{where}"
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openmedgemma.engine import cpu, native
+from openmedgemma.engine import cpu, hugepages, native
 from openmedgemma.engine.half import HalfLinear
 from openmedgemma.engine.int4 import Int4Linear
 from openmedgemma.errors import OpenMedGemmaError
@@ -128,6 +128,7 @@ LAYERS.update({"int8": Int8Linear, "int8-dynamic": Int8Linear})
 LAYERS.update(bf16=HalfLinear, fp16=HalfLinear, fp32=HalfLinear)
 LAYERS["int4"] = Int4Linear
 MODES = tuple(LAYERS)
+QUANTIZED = tuple(dict.fromkeys(LAYERS.values()))
 
 
 def _int8_kernel(mode: str, on_cpu: bool, blocked: bool) -> str:
@@ -144,8 +145,8 @@ def _int8_kernel(mode: str, on_cpu: bool, blocked: bool) -> str:
     if blocked:
         info = cpu.detect()
         prefill = f"prefill (> {FUSED_MAX_ROWS} rows): blocks GEMM {info.vector_isa} (ours, fp32 panels of the blocks)"
-        decode = f"int8_gemv {torch.ops.openmedgemma.int8_best_isa()} (ours, x rounded to int16 per 256 inputs"
-        return f"decode: {decode}; faster than torch's _weight_int8pack_mm, {info.why('avx512', 'avx512_vnni')}); {prefill}"
+        decode = f"int8_gemv {torch.ops.openmedgemma.int8_best_isa()} (ours, x rounded to int16 per 256 inputs; faster"
+        return f"decode: {decode} than torch's _weight_int8pack_mm, {info.why('avx512', 'avx512_vnni')}); {prefill}"
     return f"decode: torch's _weight_int8pack_mm (our kernel could not be built); prefill: dequantize + BLAS"
 
 
@@ -165,7 +166,8 @@ def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, device: torch.device):
 
 
 def quantize(model, mode: str = "int8") -> None:
-    """Replace the decoder's linear layers of a MedGemma by `LAYERS[mode]`, in place (vision tower untouched)."""
+    """Replace the decoder's linear layers of a MedGemma by `LAYERS[mode]`, in place (vision tower untouched); on
+    CPU their weights then go, in layer order, into memory advised for huge pages (`hugepages.gather`)."""
     if mode not in MODES:
         raise OpenMedGemmaError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
     from openmedgemma.engine.fast import remove_kernels
@@ -181,6 +183,7 @@ def quantize(model, mode: str = "int8") -> None:
         # keep the whole shard mapped (and its pages resident) after its linear weights are gone: copy it out
         _own_storage(layer)
     _own_storage(model.language_model.norm)
+    hugepages.gather(m for m in model.language_model.layers.modules() if isinstance(m, QUANTIZED))
 
 
 def _own_storage(module: nn.Module) -> None:
@@ -199,4 +202,6 @@ def quantized_head(model, mode: str) -> nn.Module | None:
     weight = model.language_model.embed_tokens.weight
     if weight.device.type != "cpu" or mode == "fp32":  # fp32: a second fp32 table for ~1.2x of one matmul
         return None
-    return LAYERS[mode](weight, mode)
+    head = LAYERS[mode](weight, mode)
+    hugepages.gather([head])
+    return head
