@@ -1,31 +1,35 @@
-"""Weights that decode streams every token, moved into memory the kernel backs with 2 MB pages.
+"""Weights that decode streams every token, placed in memory the kernel backs with 2 MB pages.
 
 A decode step reads each weight once, from DRAM. On 4 KB pages one core streams far fewer bytes per second than
 on 2 MB pages (the hardware prefetchers stop at every page boundary, and every page costs a TLB entry): on an
-EPYC Zen 4, 1 thread, a sum over 256 MB ran at 17 GB/s against 28, and the 130M int8 decode step's matmuls at 19
-against 27 GB/s (benchmarks/RESULTS.md). torch's allocator gets huge pages only where the system's transparent
-huge page mode is "always"; the common default is "madvise", which grants them to memory that asks.
+EPYC Zen 4, 1 thread, a sum over 256 MB ran at 18.6 GB/s against 28.2, and the 130M int8 decode step's matmuls
+at 19 against 27 GB/s (benchmarks/RESULTS.md). torch's allocator gets huge pages only where the system's
+transparent huge page mode is "always"; the common default is "madvise", which grants them to memory that asks.
 
-`gather` asks: it maps one private anonymous region, advises it (`MADV_HUGEPAGE`) before the first write, copies
-the given modules' CPU buffers into it in order and puts the copies in their place. Each copy is its own tensor
-(own storage: `state_dict`, `torch.save` and safetensors see ordinary, unshared tensors), and the region is
-unmapped when the last of them is freed. Advice only: off Linux, with the mode "never", or where the kernel has
-no free huge page, the memory is ordinary and nothing else changes.
+Inside `with arena():` (the engine's `quantize` and `quantized_head`), `empty` carves the new weights one after
+another out of private anonymous regions advised (`MADV_HUGEPAGE`) before their first write, in the order they
+are made (a model's layers in order). Each tensor has its own storage (`state_dict`, `torch.save` and safetensors
+see ordinary, unshared tensors) and a region is unmapped when the last tensor in it is freed. Outside an arena,
+and off Linux, `empty` is `torch.empty`. Advice only: with the mode "never", or where the kernel has no free huge
+page, the memory is ordinary and nothing else changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import math
 import mmap
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # each tensor starts on a cache line
-MIN_BYTES = 1 << 20  # below this, a model's streamed weights are too few to matter
+REGION = 64 << 20  # mapped at a time (virtual: pages that are never written cost nothing)
 
 
 def mode() -> str:
@@ -43,28 +47,75 @@ def supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE") and mode() != ""
 
 
-def gather(modules: Iterable[nn.Module]) -> int:
-    """Move the CPU buffers of `modules` into one huge-page-advised region, in order; the bytes moved (0 if not)."""
-    places = [(m, name) for m in modules for name, t in m._buffers.items()
-              if t is not None and t.device.type == "cpu" and t.numel() > 0]  # fmt: skip
-    sizes = [-(-m._buffers[name].nbytes // ALIGN) * ALIGN for m, name in places]
-    total = sum(sizes)
-    if total < MIN_BYTES or not supported():
-        return 0
-    region = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    probe = torch.frombuffer(region, dtype=torch.uint8, count=1)
-    start = -probe.data_ptr() % HUGE_PAGE  # the first 2 MB boundary: the pages from there on can be huge
-    del probe
-    region.madvise(mmap.MADV_HUGEPAGE, start, total)
-    whole = memoryview(region)
-    offset = start
-    with torch.no_grad():
-        for (module, name), size in zip(places, sizes):
-            old = module._buffers[name]
-            new = torch.frombuffer(whole[offset : offset + old.nbytes], dtype=old.dtype).view(old.shape)
-            module._buffers[name] = new.copy_(old)  # the old one is freed here: one at a time, not a second model
-            offset += size
-    return total
+class Arena:
+    """Consecutive tensors out of huge-page-advised regions (one region per REGION bytes; a larger tensor gets
+    a region of its own)."""
+
+    def __init__(self):
+        self.region: memoryview | None = None
+        self.offset = self.end = 0
+
+    @staticmethod
+    def _map(nbytes: int) -> tuple[memoryview, int]:
+        """A new region for `nbytes`, and the offset of its first 2 MB boundary (from where pages can be huge)."""
+        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        start = -torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
+        region.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+        return memoryview(region), start
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if nbytes > REGION // 2:  # its own region; the current one keeps serving the small ones
+            region, offset = self._map(nbytes)
+        else:
+            if self.region is None or self.offset + nbytes > self.end:
+                self.region, self.offset = self._map(REGION)
+                self.end = self.offset + REGION
+            region, offset = self.region, self.offset
+            self.offset += -(-nbytes // ALIGN) * ALIGN
+        return torch.frombuffer(region[offset : offset + nbytes], dtype=dtype).view(shape)
+
+
+_ACTIVE: list[Arena] = []
+
+
+@contextlib.contextmanager
+def arena() -> Iterator[Arena]:
+    """Within it, `empty` places tensors in huge-page-advised memory (where `supported()`)."""
+    _ACTIVE.append(Arena())
+    try:
+        yield _ACTIVE[-1]
+    finally:
+        _ACTIVE.pop()  # the regions now live as long as their tensors
+
+
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor for a weight decode streams: from the active arena, else `torch.empty`."""
+    if _ACTIVE and supported():
+        return _ACTIVE[-1].empty(tuple(shape), dtype)
+    return torch.empty(tuple(shape), dtype=dtype)
+
+
+def trim() -> None:
+    """Give the free pages of malloc's heap back to the system (glibc's `malloc_trim`; elsewhere nothing).
+
+    Quantizing makes large temporaries (a layer's weight in fp32, its int8 rows) that glibc, once it has freed one
+    such block, serves from its heap instead of fresh mappings, and does not give back: without this a model's
+    quantization left them resident (8 layers of 8 MB: +70 MB)."""
+    if _libc() is not None:
+        _libc().malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+        return libc
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def backing(tensor: torch.Tensor) -> tuple[bool, int, int]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openmedgemma.engine import native
+from openmedgemma.engine import hugepages, native
 from openmedgemma.errors import OpenMedGemmaError
 
 GROUP = 32  # inputs per scale: kGroup in int4_gemv.cpp
@@ -120,8 +120,8 @@ class Int4Linear(nn.Module):
         self.mode = mode
         self.out_features, self.in_features = weight.shape
         nb, g = -(-self.out_features // BLOCK), -(-self.in_features // GROUP)
-        packed = torch.empty(nb, g, CHUNK, dtype=torch.uint8)  # filled a slice at a time: no second copy
-        scales = torch.empty(nb, g, BLOCK, dtype=torch.float16)
+        packed = hugepages.empty((nb, g, CHUNK), torch.uint8)  # filled a slice at a time: no second copy
+        scales = hugepages.empty((nb, g, BLOCK), torch.float16)
         rows = max(BLOCK, SLICE_ELEMENTS // max(self.in_features, 1) // BLOCK * BLOCK)  # whole blocks per slice
         for start in range(0, self.out_features, rows):
             p, s = pack_int4(*quantize_int4(weight[start : start + rows]))

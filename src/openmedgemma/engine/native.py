@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from openmedgemma.engine import cpu
+from openmedgemma.engine import cpu, hugepages
 
 KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp", "attention.cpp", "blocks.cpp")  # one library, each registers its own ops
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
@@ -46,7 +46,9 @@ def pack_blocks(q: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] -> [ceil(N / 32), K, 32]: each block's 32 weights of one input adjacent (rows past N zero)."""
     n, k = q.shape
     pad = -n % BLOCK
-    return F.pad(q, (0, 0, 0, pad)).view(-1, BLOCK, k).transpose(1, 2).contiguous()
+    blocks = F.pad(q, (0, 0, 0, pad)).view(-1, BLOCK, k).transpose(1, 2)
+    out = hugepages.empty(blocks.shape, q.dtype) if q.device.type == "cpu" else torch.empty_like(blocks)
+    return out.copy_(blocks)  # in a `hugepages.arena`, on huge pages
 
 
 def unpack_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:

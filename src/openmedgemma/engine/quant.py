@@ -128,7 +128,7 @@ LAYERS.update({"int8": Int8Linear, "int8-dynamic": Int8Linear})
 LAYERS.update(bf16=HalfLinear, fp16=HalfLinear, fp32=HalfLinear)
 LAYERS["int4"] = Int4Linear
 MODES = tuple(LAYERS)
-QUANTIZED = tuple(dict.fromkeys(LAYERS.values()))
+QUANTIZED = tuple(dict.fromkeys(LAYERS.values()))  # the layer classes
 
 
 def _int8_kernel(mode: str, on_cpu: bool, blocked: bool) -> str:
@@ -167,23 +167,24 @@ def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, device: torch.device):
 
 def quantize(model, mode: str = "int8") -> None:
     """Replace the decoder's linear layers of a MedGemma by `LAYERS[mode]`, in place (vision tower untouched); on
-    CPU their weights then go, in layer order, into memory advised for huge pages (`hugepages.gather`)."""
+    CPU their weights are made, in layer order, in memory advised for huge pages (`hugepages.arena`)."""
     if mode not in MODES:
         raise OpenMedGemmaError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
     from openmedgemma.engine.fast import remove_kernels
 
     remove_kernels(model.language_model)  # they would step aside anyway, but hold on to the float weights
-    for layer in model.language_model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in LINEARS:
-                module = getattr(parent, name, None)
-                if isinstance(module, nn.Linear):
-                    setattr(parent, name, LAYERS[mode](module.weight, mode))
-        # what stays of the layer (its norms: a few KB) may be a view of a checkpoint file's mapping, which would
-        # keep the whole shard mapped (and its pages resident) after its linear weights are gone: copy it out
-        _own_storage(layer)
+    with hugepages.arena():
+        for layer in model.language_model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name in LINEARS:
+                    module = getattr(parent, name, None)
+                    if isinstance(module, nn.Linear):
+                        setattr(parent, name, LAYERS[mode](module.weight, mode))
+            # what stays of the layer (its norms: a few KB) may be a view of a checkpoint file's mapping, which
+            # would keep the whole shard mapped (and its pages resident) after its linear weights are gone
+            _own_storage(layer)
+            hugepages.trim()  # this layer's temporaries
     _own_storage(model.language_model.norm)
-    hugepages.gather(m for m in model.language_model.layers.modules() if isinstance(m, QUANTIZED))
 
 
 def _own_storage(module: nn.Module) -> None:
@@ -202,6 +203,7 @@ def quantized_head(model, mode: str) -> nn.Module | None:
     weight = model.language_model.embed_tokens.weight
     if weight.device.type != "cpu" or mode == "fp32":  # fp32: a second fp32 table for ~1.2x of one matmul
         return None
-    head = LAYERS[mode](weight, mode)
-    hugepages.gather([head])
+    with hugepages.arena():
+        head = LAYERS[mode](weight, mode)
+    hugepages.trim()
     return head
