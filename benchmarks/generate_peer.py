@@ -275,6 +275,8 @@ def bench_4b(args, work: Path) -> dict:
 
     base = ["ours bf16-as-loaded"] if not args.formats or "bf16-as-loaded" in args.formats else []
     impls = base + [f"ours {m}" for m in our_modes(args.formats) if m != "fp32"]  # fp32: 15.5 GB
+    if args.compile:  # each quantized mode also with its decode step compiled (in the child, before the timing)
+        impls += [f"{impl} compiled" for impl in impls if impl != "ours bf16-as-loaded"]
     impls += [f"llama.cpp {fmt}" for fmt in ggufs]
     report = dict(config="4b", llama_cpp=build_info, runs={})
     for threads in args.thread_list:
@@ -323,10 +325,17 @@ def _child(impl: str, path: str, threads: int, prompt_len: int, new: int, repeat
         head = None if mode == "bf16-as-loaded" else G.ours_setup(model, f"ours-{mode}")[0]
         bits = decode_bits_per_weight(model, head, n_params)
 
-        def stream(n):
-            return TokenStream(model, [ids], [None], GenerationConfig(max_new_tokens=n), head=head, fast=True)
+        fast = True
+        if impl.endswith(" compiled"):  # ahead of time, cached on disk per shape, format and threads (~80 s once)
+            from openmedgemma.engine.fast import DecoderRunner
 
-    for _ in stream(2):  # warm-up: kernels, lazy initialisation, every weight page read once
+            fast = DecoderRunner(model.language_model, compile=True)
+
+        def stream(n):
+            return TokenStream(model, [ids], [None], GenerationConfig(max_new_tokens=n), head=head, fast=fast)
+
+    for _ in stream(2 if impl.startswith("llama.cpp") or not impl.endswith(" compiled") else new):  # warm-up:
+        # kernels, lazy initialisation, every weight page read once, the compiled step built at the full length
         pass
     ttft, decode = [], []
     for _ in range(repeats):

@@ -1,4 +1,4 @@
-"""One decode matmul (1 row) per weight shape: fp32 BLAS vs the engine's int8 kernel vs torch's int8 kernel.
+"""One decode matmul (1 row) per weight shape: fp32 BLAS vs the engine's int8 kernel (both variants) vs torch's.
 
     python benchmarks/int8_kernel.py [--threads 1] [--repeats 50]
 
@@ -61,7 +61,9 @@ def main() -> None:
     if not native.int8_gemv_available():
         sys.exit("the int8 kernel cannot be built here (see the message above)")
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} thread(s)")
-    print(f"{'shape':<14}{'N x K':>13}{'fp32 us':>10}{'int8 ours us':>14}{'GB/s':>7}{'x fp32':>8}"
+    best = torch.ops.openmedgemma.int8_best_isa()
+    print(f"int8 ours: the {best} variant (what this CPU runs); ours avx2: the AVX2 one, for comparison")
+    print(f"{'shape':<14}{'N x K':>13}{'fp32 us':>10}{'int8 ours us':>14}{'GB/s':>7}{'x fp32':>8}{'ours avx2 us':>14}"
           f"{'torch int8 us':>15}{'x fp32':>8}{'max rel err':>13}")  # fmt: skip
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
@@ -78,12 +80,14 @@ def main() -> None:
 
         fp32 = min(timed(lambda: x @ pick(w_nk).t(), args.repeats), timed(lambda: x @ pick(w_kn), args.repeats))
         ours = timed(lambda: native.int8_gemv(x, pick(blocks), scale, n), args.repeats)
+        avx2 = timed(lambda: native.int8_gemv(x, pick(blocks), scale, n, "avx2"), args.repeats)
         theirs = timed(lambda: torch.ops.aten._weight_int8pack_mm(x, pick(q), scale), max(5, args.repeats // 5))
         ref = (x.double() @ q[0].double().t()) * scale.double()
         err = float((native.int8_gemv(x, blocks[0], scale, n) - ref).abs().max() / ref.abs().max())
         del w_nk, w_kn
         print(f"{name:<14}{f'{n}x{k}':>13}{fp32 * 1e6:>10.0f}{ours * 1e6:>14.0f}{n * k / ours / 1e9:>7.1f}"
-              f"{fp32 / ours:>8.2f}{theirs * 1e6:>15.0f}{fp32 / theirs:>8.2f}{err:>13.1e}")  # fmt: skip
+              f"{fp32 / ours:>8.2f}{avx2 * 1e6:>14.0f}{theirs * 1e6:>15.0f}{fp32 / theirs:>8.2f}"
+              f"{err:>13.1e}")  # fmt: skip
 
 
 if __name__ == "__main__":

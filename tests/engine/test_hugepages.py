@@ -57,6 +57,7 @@ def test_outside_an_arena_empty_is_torch_empty(monkeypatch):
     with hugepages.arena():
         big = hugepages.empty((40 << 20,), torch.uint8)
     assert not hugepages.backing(big)[0]
+    assert hugepages.describe([big]).startswith("weights on 4 KB pages")
 
 
 @needs_thp
@@ -134,6 +135,8 @@ def test_quantized_weights_are_on_advised_pages_and_compute_the_same(ours_text, 
             assert hugepages.backing(next(layers[0].buffers()))[0] and hugepages.backing(next(head.buffers()))[0]
             addresses = [next(m.buffers()).data_ptr() for m in layers]
             assert addresses == sorted(addresses)  # made in layer order, one after another
+            notice = hugepages.describe(list(model.language_model.layers.buffers()))  # the engine's notice says so
+            assert notice.startswith("weights on 2 MB pages: ") and f"huge pages: {hugepages.mode()})" in notice
         with torch.no_grad():
             for step in (ids, ids[:, :1]):  # prefill and a decode-sized input
                 outs.append(head(model.hidden_states(step)))

@@ -144,8 +144,8 @@ def kernel_notice(model, mode: str, head=None) -> str:
     layers = [m for m in model.language_model.layers.modules() if hasattr(m, "kernel")] + ([head] if head else [])
     kernels = list(dict.fromkeys(m.kernel for m in layers))  # distinct, in order
     on_cpu = model.language_model.embed_tokens.weight.device.type == "cpu"
-    buffers = [b for m in layers[:1] for b in m.buffers()]
-    pages = f"; {hugepages.describe(buffers[0])}" if on_cpu and buffers else ""
+    buffers = [b for m in layers for b in m.buffers()]
+    pages = f"; {hugepages.describe(buffers)}" if on_cpu and buffers else ""
     where = f"{pages}; CPU {detect_cpu().describe()}" if on_cpu else ""
     return f"openmedgemma: {mode} weights, {len(layers)} layers: {' | '.join(kernels)}{where}"
 

@@ -118,33 +118,41 @@ def _libc():
         return None
 
 
-def backing(tensor: torch.Tensor) -> tuple[bool, int, int]:
-    """(advised, bytes on huge pages, bytes mapped) of the mapping that holds `tensor`, from /proc/self/smaps;
-    (False, 0, 0) where that cannot be read."""
-    address, inside, found = tensor.data_ptr(), False, {}
+def _mappings() -> list[tuple[int, int, bool, int]]:
+    """(start, end, advised for huge pages, bytes on huge pages) of every mapping of this process (/proc/self/smaps)."""
+    found: list[list] = []
     try:
         with open("/proc/self/smaps", encoding="ascii", errors="replace") as smaps:
             for line in smaps:
                 head = line.split(maxsplit=1)[0]
                 if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
-                    if found:
-                        break
-                    start, end = (int(v, 16) for v in head.split("-"))
-                    inside = start <= address < end
-                    if inside:
-                        found["size"] = end - start
-                elif inside and head == "AnonHugePages:":
-                    found["huge"] = int(line.split()[1]) * 1024
-                elif inside and head == "VmFlags:":
-                    found["advised"] = "hg" in line.split()[1:]
+                    found.append([*(int(v, 16) for v in head.split("-")), False, 0])
+                elif head == "AnonHugePages:" and found:
+                    found[-1][3] = int(line.split()[1]) * 1024
+                elif head == "VmFlags:" and found:
+                    found[-1][2] = "hg" in line.split()[1:]
     except (OSError, ValueError):
-        return False, 0, 0
-    return found.get("advised", False), found.get("huge", 0), found.get("size", 0)
+        return []
+    return [tuple(m) for m in found]
 
 
-def describe(tensor: torch.Tensor) -> str:
-    """For the engine's notice: how the weights that hold `tensor` are paged."""
-    advised, huge, size = backing(tensor)
+def backing(tensor: torch.Tensor) -> tuple[bool, int, int]:
+    """(advised, bytes on huge pages, bytes mapped) of the mapping that holds `tensor`; (False, 0, 0) where that
+    cannot be read."""
+    address = tensor.data_ptr()
+    for start, end, advised, huge in _mappings():
+        if start <= address < end:
+            return advised, huge, end - start
+    return False, 0, 0
+
+
+def describe(tensors) -> str:
+    """For the engine's notice: how much of the weights `tensors` lies on huge pages (the AnonHugePages of the
+    advised mappings that hold them, against their bytes)."""
+    tensors = list({t.data_ptr(): t for t in tensors}.values())
+    advised = [m for m in _mappings() if m[2] and any(m[0] <= t.data_ptr() < m[1] for t in tensors)]
+    setting = f" (transparent huge pages: {mode()})" if mode() else ""
     if not advised:
-        return "weights on 4 KB pages" + (f" (transparent huge pages: {mode()})" if mode() else "")
-    return f"weights on 2 MB pages: {huge / 2**20:.0f} of {size / 2**20:.0f} MB (transparent huge pages: {mode()})"
+        return "weights on 4 KB pages" + setting
+    huge, weights = sum(m[3] for m in advised), sum(t.nbytes for t in tensors)
+    return f"weights on 2 MB pages: {min(huge, weights) / 2**20:.0f} of {weights / 2**20:.0f} MB{setting}"
