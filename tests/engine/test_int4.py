@@ -56,9 +56,9 @@ def test_quantize_is_q4_0_and_packing_round_trips():
     assert (q.view(45, 3, 32).amin(2)[scale != 0] == -8).all()  # each group's largest weight maps to -8
     d = scale.float().repeat_interleave(32, 1)[:, :70]
     err = (q[:, :70].float() * d - w).abs()
-    clamped = q[:, :70] == 7  # +|peak| clamps to 7: error up to |d|
+    clamped = q[:, :70] == 7  # +|peak| clamps to 7: error up to |d|, plus 8x the fp16 rounding of d (<= |d| / 256)
     assert (err[~clamped] <= d.abs()[~clamped] / 2 * (1 + 1e-6) + 1e-12).all()
-    assert (err <= d.abs() * (1 + 1e-6)).all() and torch.equal(q[3, 32:64], torch.zeros(32, dtype=torch.int8))
+    assert (err <= d.abs() * (1 + 2**-8) + 1e-12).all() and torch.equal(q[3, 32:64], torch.zeros(32, dtype=torch.int8))
     packed, scales = pack_int4(q, scale)
     assert packed.shape == (2, 3, 512) and packed.dtype == torch.uint8 and scales.shape == (2, 3, 32)
     # block 0, group 1, byte t=1, c=5, j=2: channel 5, inputs 32 + 8 + 2 (low nibble) and 32 + 12 + 2 (high)
