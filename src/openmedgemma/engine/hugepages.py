@@ -32,8 +32,10 @@ ALIGN = 64  # each tensor starts on a cache line
 REGION = 64 << 20  # mapped at a time (virtual: pages that are never written cost nothing)
 
 
+@functools.cache
 def mode() -> str:
-    """The system's transparent huge page mode ("always", "madvise", "never"), "" where there is none."""
+    """The system's transparent huge page mode ("always", "madvise", "never"), "" where there is none (read once:
+    `empty` asks for every weight)."""
     try:
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(encoding="ascii")
     except OSError:
