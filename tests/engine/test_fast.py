@@ -287,42 +287,57 @@ def test_each_compiled_runner_keeps_its_own_compiled_code(ours_text):
         assert not counters["recompile_limit"] and not counters["cache_size_limit"]
 
 
-def test_norm_kernels_on_quantized_cpu_fp32_decoders_only(ours_text):
-    """A quantized fp32 decoder on the CPU (its layers run the native library) gets the one-op norm on every
-    RMSNorm (same numbers as the torch ops, to the order of a sum); a plain fp32 one keeps the torch ops (it never
-    waits for the library's build), and so does a bf16 one; `remove_kernels` takes them off."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_activation_kernels_on_quantized_cpu_decoders_only(ours_text, dtype):
+    """A quantized decoder on the CPU (its layers run the native library), fp32 or bf16 (a model loaded in bf16,
+    as the 4b is), gets the one-op norm on every RMSNorm and the one-op gelu(gate) * up on every MLP: the torch
+    ops' numbers (to the order of a sum in fp32; bf16 to a unit in the last place here and there), one call per
+    norm and per MLP, none with autograd. A plain decoder keeps the torch ops (it never waits for the library's
+    build); `remove_kernels` takes them off."""
     from openmedgemma.engine import native, quantize
     from openmedgemma.engine.fast import _norms, remove_kernels
 
-    plain = copy.deepcopy(ours_text)
+    plain = copy.deepcopy(ours_text).to(dtype)
     DecoderRunner(plain.language_model)
     assert all(n.fused is None for n in _norms(plain.language_model))
-    model = copy.deepcopy(ours_text)
+    assert all(layer.mlp.act is None for layer in plain.language_model.layers)
+    model = copy.deepcopy(ours_text).to(dtype)
     quantize(model, "int4")
     lm = model.language_model
     ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(8))
 
     def hidden():
-        with torch.no_grad():
-            return lm(lm.embed(ids), torch.arange(6)[None], _causal(lm, 6))
+        return lm(lm.embed(ids), torch.arange(6)[None], _causal(lm, 6))
 
-    expected = hidden()
+    with torch.no_grad():
+        expected = hidden()
     DecoderRunner(lm)
+    if not native.int8_gemv_available():
+        assert not in_ci(), "the CPU kernels did not build in CI"
+        return
     norms = list(_norms(lm))
     assert len(norms) == 6 * len(lm.layers) + 1
-    assert all(n.fused is native.rms_norm for n in norms) or not native.int8_gemv_available()
+    assert all(n.fused is native.rms_norm for n in norms)
+    assert all(layer.mlp.act is native.gelu_tanh_mul for layer in lm.layers)
     calls = []
-    real = native.rms_norm
     for n in norms:
-        n.fused = lambda x, gain, eps: calls.append(x.shape) or real(x, gain, eps)
-    torch.testing.assert_close(hidden(), expected, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 5 * len(lm.layers) + 1 or not native.int8_gemv_available()  # q_norm norms k too
+        n.fused = lambda x, gain, eps: calls.append("norm") or native.rms_norm(x, gain, eps)
+    for layer in lm.layers:
+        layer.mlp.act = lambda gate_up: calls.append("act") or native.gelu_tanh_mul(gate_up)
+    with torch.no_grad():
+        got = hidden()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:  # bf16 roundings that differ in the last place, carried through the layers
+        torch.testing.assert_close(got, expected, rtol=2**-6, atol=2**-6)
+        assert (got != expected).float().mean() < 0.02
+    assert calls.count("norm") == 5 * len(lm.layers) + 1  # q_norm norms k too
+    assert calls.count("act") == len(lm.layers)
+    calls.clear()
+    hidden()  # autograd on: the reference's own ops
+    assert not calls
     remove_kernels(lm)
-    assert all(n.fused is None for n in norms)
-    half = copy.deepcopy(ours_text).to(torch.bfloat16)
-    quantize(half, "int4")
-    DecoderRunner(half.language_model)
-    assert all(n.fused is None for n in _norms(half.language_model))
+    assert all(n.fused is None for n in norms) and all(layer.mlp.act is None for layer in lm.layers)
 
 
 def test_decode_attention_kernel_gives_the_sdpa_tokens(ours_text):

@@ -180,13 +180,16 @@ def test_disabled_kernel_says_why_once(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(("shape", "rows_of_gain"), [((1, 1, 768), 1), ((2, 3, 9, 128), 9), ((5, 13), 1), ((4, 7), 4)])
-def test_rms_norm_kernel_equals_the_model_norm(kernel, shape, rows_of_gain):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_equals_the_model_norm(kernel, shape, rows_of_gain, dtype):
     """One op = the model's no-grad norm (x * rsqrt(mean(x^2) + eps) * gain) up to the order of the sum of squares;
-    a gain of G rows (q and k heads normed together with stacked gains) repeats over x's rows."""
+    a gain of G rows (q and k heads normed together with stacked gains) repeats over x's rows. bf16 x (a model
+    loaded in bf16) is normed in fp32 and rounded once, as the torch ops do: the same bf16 values, but where the
+    sums' order moves an fp32 result across a rounding boundary (one unit in the last place)."""
     from openmedgemma.model.layers import GemmaRMSNorm
 
     gen = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(shape, generator=gen) * 3
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
     gain = torch.randn(rows_of_gain, shape[-1], generator=gen) if rows_of_gain > 1 else None
     norm = GemmaRMSNorm(shape[-1], eps=1e-6)
     with torch.no_grad():
@@ -194,21 +197,130 @@ def test_rms_norm_kernel_equals_the_model_norm(kernel, shape, rows_of_gain):
         want = norm(x, gain)
         norm.fused = native.rms_norm
         got = norm(x, gain)
-    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    assert got.dtype == dtype
     reference = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
     reference = reference * (norm.gain() if gain is None else gain).double()
-    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+        return
+    ulp = _bf16_ulp(want)
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+    assert (got != want).float().mean() < 0.01
+    assert ((got.double() - reference).abs() <= reference.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding
+
+
+def _bf16_ulp(t):
+    """One unit in the last place of each bf16 value (2^-7 of its power of two)."""
+    return torch.ldexp(torch.full(t.shape, 2.0**-7), torch.frexp(t.float()).exponent - 1)
 
 
 def test_rms_norm_kernel_declines_what_it_does_not_take_and_refuses_bad_gains(kernel):
     gain = torch.ones(2, 8)
-    assert native.rms_norm(torch.randn(3, 8, dtype=torch.bfloat16), gain[0], 1e-6) is None  # the torch ops run it
+    assert native.rms_norm(torch.randn(3, 8, dtype=torch.float16), gain[0], 1e-6) is None  # the torch ops run it
     assert native.rms_norm(torch.randn(8, 3).t(), gain[0], 1e-6) is None  # not contiguous
     with pytest.raises(RuntimeError, match="last dimension D = 8"):
         torch.ops.openmedgemma.rms_norm(torch.randn(3, 8), torch.ones(6), 1e-6)
     with pytest.raises(RuntimeError, match="a gain of 2 rows needs x"):
         torch.ops.openmedgemma.rms_norm(torch.randn(3, 8), gain, 1e-6)
     torch.library.opcheck(torch.ops.openmedgemma.rms_norm.default, (torch.randn(2, 2, 8), gain, 1e-6))
+
+
+# ------------------------------------------------------------------ the MLP's activation (gelu_mul.cpp)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1152), (3, 5, 2 * 37), (2, 2 * 8), (64, 2 * 10240)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_mul_kernel_equals_gelu_of_gate_times_up(kernel, shape, dtype):
+    """gelu_tanh(gate) * up from the gate|up projection's output, one op, tails past a multiple of 8 included:
+    torch's chunk, gelu and mul to fp32 rounding (fp32); bf16, rounded as torch's bf16 ops round (gelu to bf16, then
+    the product): all but a few values equal to those roundings of the exact gelu, and each within one unit in
+    the last place of torch's (whose fp32 1 + tanh(u) loses digits for g < 0, and is 0 for g << 0)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(shape[-1])
+    gate_up = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    gate, up = gate_up.chunk(2, -1)
+    want = F.gelu(gate, approximate="tanh") * up
+    got = native.gelu_tanh_mul(gate_up)
+    assert got.shape == want.shape and got.dtype == dtype
+    if dtype == torch.float32:  # atol: where torch's 1 + tanh(u) cancels to 0 for g << 0, this is nearer the truth
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return
+    exact = (_gelu64(gate.double()).bfloat16() * up).bfloat16()
+    assert (got != exact).float().mean() < 0.005
+    # 1e-6: torch's 1 + tanh(u) is 0 in fp32 for g < -4.5 or so, where the exact gelu is tiny but not 0
+    assert ((got.float() - want.float()).abs() <= torch.maximum(_bf16_ulp(want), _bf16_ulp(got)) + 1e-6).all()
+
+
+def _gelu64(g):
+    """gelu_tanh in float64 as g * sigmoid(2u) = 0.5 g (1 + tanh(u)), exactly, without the cancellation."""
+    return g * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (g + 0.044715 * g**3))
+
+
+def test_gelu_mul_kernel_is_accurate_where_one_plus_tanh_cancels(kernel):
+    """g / (1 + exp(-2u)) is the same function as 0.5 g (1 + tanh(u)) without its cancellation for g << 0, where
+    torch's fp32 gives 0: within 1e-5 relative of the float64 value over [-12, 12]; inf and NaN stay non-finite."""
+    g = torch.linspace(-12, 12, 24001).double()  # the fp32 values the kernel sees
+    truth = _gelu64(g)
+    got = native.gelu_tanh_mul(torch.cat([g, torch.ones_like(g)]).float()).double()
+    assert ((got - truth).abs() <= truth.abs() * 1e-5 + 1e-37).all()
+    special = native.gelu_tanh_mul(torch.tensor([float("nan"), float("inf"), 1.0, 1.0]))
+    assert special[0].isnan() and special[1] == float("inf")
+
+
+def test_gelu_mul_kernel_declines_what_it_does_not_take_and_refuses_bad_shapes(kernel):
+    assert native.gelu_tanh_mul(torch.randn(2, 8, dtype=torch.float16)) is None
+    assert native.gelu_tanh_mul(torch.randn(8, 2).t()) is None  # not contiguous
+    with pytest.raises(RuntimeError, match=r"\[\.\.\., 2 I\]"):
+        torch.ops.openmedgemma.gelu_tanh_mul(torch.randn(3, 7))
+    torch.library.opcheck(torch.ops.openmedgemma.gelu_tanh_mul.default, (torch.randn(2, 3, 16),))
+
+
+# ------------------------------------------------------------------ bf16 activations in and out of the kernels
+
+
+def test_kernels_take_bf16_rows_and_return_them_rounded_once(kernel):
+    """A model loaded in bf16 passes its bf16 rows straight to the decode kernels: each gives exactly what its fp32
+    version gives on the widened rows, rounded to bf16 (int4, int8, 16-bit / fp32 blocks, attention)."""
+    from openmedgemma.engine.int4 import pack_int4, quantize_int4
+
+    ops = torch.ops.openmedgemma
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(300, 520, generator=gen)
+    x = torch.randn(3, 520, generator=gen).bfloat16()
+    q4, s4 = pack_int4(*quantize_int4(w))
+    q8, s8 = quantize_weight(w)
+    blocks8 = native.pack_blocks(q8)
+    cases = [(ops.int4_gemv, (q4, s4, 300)), (ops.int4_gemv_group, ([q4, q4], [s4, s4], [300, 300])),
+             (ops.int8_gemv, (blocks8, s8.float(), 300)), (ops.int8_gemv_group, ([blocks8], [s8.float()], [300]))]
+    for isa in ("avx2", "avx512") if cpu.detect().vector_isa == "avx512" else ("avx2",):
+        for half in (torch.bfloat16, torch.float16, torch.float32):
+            cases.append((ops.half_gemv, (native.pack_blocks(w.to(half)), 300, isa)))
+    for op, args in cases:
+        got = op(x, *args)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, op(x.float(), *args).bfloat16()), op
+    q = torch.randn(2, 12, 1, 64, generator=gen).bfloat16()[:, :8]
+    k, v = (torch.randn(2, 4, 9, 64, generator=gen).bfloat16() for _ in range(2))
+    got = native.decode_attention(q, k, v, None, 0.125)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ops.decode_attention(q.float(), k, v, None, 0.125).bfloat16())
+
+
+def test_bf16_outputs_round_as_torch_rounds(kernel):
+    """The kernels' fp32 -> bf16 rounding (widen.h) is torch's: to nearest, ties to even, overflow to inf, denormals
+    kept, NaN a NaN: an fp32-blocks weight times x = 1 writes the weight's values through it."""
+    values = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, 3.3961e38, -3.4e38, 3.3e38,
+                           float("inf"), -float("inf"), 1e-40, -3e-39, 2.0**-133, 0.0, 65504.0, 0.1, -1 / 3,
+                           float("nan")] * 3)  # fmt: skip
+    x = torch.ones(1, 1, dtype=torch.bfloat16)
+    half_gemv = torch.ops.openmedgemma.half_gemv
+    want = values.bfloat16()
+    finite = ~want.isnan()
+    eight_at_a_time = half_gemv(x, native.pack_blocks(values[:, None]), values.numel(), "avx2")[0]
+    one_at_a_time = torch.cat([half_gemv(x, native.pack_blocks(v.view(1, 1)), 1, "avx2")[0] for v in values])
+    for got in (eight_at_a_time, one_at_a_time):
+        assert torch.equal(got[finite].view(torch.int16), want[finite].view(torch.int16))  # bit for bit
+        assert got[~finite].isnan().all()
 
 
 # ------------------------------------------------------------------ decode attention (attention.cpp)
@@ -272,8 +384,10 @@ def test_decode_attention_declines_what_it_does_not_take_and_refuses_bad_shapes(
         ops.decode_attention(q, k, k, torch.ones(1, 1, 1, 6, dtype=torch.bool), 0.25)
     with pytest.raises(RuntimeError, match="3 query heads do not share 2 KV heads"):
         ops.decode_attention(q[:, :3], k, k, None, 0.25)
-    with pytest.raises(RuntimeError, match="q must be fp32, k and v both fp32 or both bf16"):
+    with pytest.raises(RuntimeError, match="k and v must be both fp32 or both bf16, q fp32 or their dtype"):
         ops.decode_attention(q, k.bfloat16(), k, None, 0.25)
+    with pytest.raises(RuntimeError, match="k and v must be both fp32 or both bf16, q fp32 or their dtype"):
+        ops.decode_attention(q.bfloat16(), k, k, None, 0.25)
     with pytest.raises(RuntimeError, match="one query per row"):
         ops.decode_attention(torch.randn(1, 4, 2, 16), k, k, None, 0.25)
     torch.library.opcheck(ops.decode_attention.default, (q, k, torch.randn(1, 2, 5, 16), mask, 0.25))

@@ -1,6 +1,6 @@
 // Attention of one query token per row over a KV cache, for the decoder's decode steps (engine/fast.py
 // installs it on the attention layers of quantized CPU decoders, fp32 or bf16: a bf16 cache is widened as it is
-// read, the query and the sums are fp32).
+// read, a bf16 query widened once and the result rounded to bf16 once; the sums are fp32).
 //
 //   out[b, h, 0, :] = sum_s p[s] v[b, h / G, s, :],  p = softmax_s(scale * q[b, h, 0, :] . k[b, h / G, s, :])
 //
@@ -132,10 +132,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->dim() == 4 && t->is_cpu() && t->stride(3) == 1,
                 "decode_attention: q, k, v must be CPU [B, heads, T, D] with D contiguous");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type() &&
-                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
-              "decode_attention: q must be fp32, k and v both fp32 or both bf16");
-  return k.scalar_type() == at::kFloat ? attend<float>(q, k, v, mask, scale) : attend<c10::BFloat16>(q, k, v, mask, scale);
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == k.scalar_type()) &&
+                  k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "decode_attention: k and v must be both fp32 or both bf16, q fp32 or their dtype");
+  const at::Tensor q32 = q.to(at::kFloat);  // a bf16 q (bf16 activations): widened here, the result rounded once
+  const at::Tensor out = k.scalar_type() == at::kFloat ? attend<float>(q32, k, v, mask, scale)
+                                                        : attend<c10::BFloat16>(q32, k, v, mask, scale);
+  return out.to(q.scalar_type());
 }
 
 }  // namespace

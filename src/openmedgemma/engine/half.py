@@ -123,7 +123,7 @@ class HalfLinear(nn.Module):
         x2 = x.reshape(-1, layers[0].in_features)
         if not layers[0].isa or x2.shape[0] > DECODE_MAX_ROWS or x.device.type != "cpu":
             return None
-        y = torch.ops.openmedgemma.half_gemv_group(x2.float().contiguous(), [m.weight_half for m in layers],
+        y = torch.ops.openmedgemma.half_gemv_group(native.kernel_rows(x2, x2.shape[1]), [m.weight_half for m in layers],
                                                    [m.out_features for m in layers], layers[0].isa)  # fmt: skip
         return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
@@ -131,7 +131,8 @@ class HalfLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.isa and x2.shape[0] <= DECODE_MAX_ROWS:
-            y = half_gemv(x2.float().contiguous(), self.weight_half, self.out_features, self.isa).to(x.dtype)
+            y = half_gemv(native.kernel_rows(x2, self.in_features), self.weight_half, self.out_features, self.isa)
+            y = y.to(x.dtype)
         else:
             y = self.dense_matmul(x2, torch.bfloat16 if self.bf16_gemm else x.dtype).to(x.dtype)
         return y.reshape(*lead, self.out_features)

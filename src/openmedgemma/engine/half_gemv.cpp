@@ -119,8 +119,7 @@ using BlockDot = void (*)(const float*, const void*, int64_t, float*);
 // y = x times each weight i of a group that reads the same input (q, k, v; gate, up), the outputs side by side
 // [M, sum n], in one parallel loop over every block of every weight (one call per group, not per layer).
 at::Tensor half_gemv_group(const at::Tensor& x, at::TensorList w, at::IntArrayRef n, c10::string_view isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
-              "half_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
+  omg::check_input(x, "half_gemv");
   TORCH_CHECK(!w.empty() && w.size() == n.size(), "half_gemv_group: w and n must be lists of the same, non-zero length");
   const at::ScalarType type = w[0].scalar_type();
   const int64_t M = x.size(0), K = x.size(1);
@@ -141,9 +140,9 @@ at::Tensor half_gemv_group(const at::Tensor& x, at::TensorList w, at::IntArrayRe
                                         : (wide ? &block_dot_avx512<Kind::fp32> : &block_dot_avx2<Kind::fp32>);
   const omg::GroupLayout group(w, n);
   const int64_t cols = group.cols();
-  at::Tensor y = at::empty({M, cols}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const omg::Output y(x, M, cols);
+  std::vector<float> widened;
+  const float* xp = omg::float_rows(x, widened);
   // Tasks of at least ~32 KB of weights, so a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, K * kBlock));
   group.for_each_block(n, kBlock, grain, [&](size_t i, int64_t local, int64_t n0, int64_t width) {
@@ -151,10 +150,10 @@ at::Tensor half_gemv_group(const at::Tensor& x, at::TensorList w, at::IntArrayRe
     const char* wp = static_cast<const char*>(w[i].data_ptr()) + local * K * kBlock * w[i].element_size();
     for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
       dot(xp + m * K, wp, K, sums);
-      std::copy(sums, sums + width, yp + m * cols + group.first_col[i] + n0);
+      y.store(m * cols + group.first_col[i] + n0, sums, width);
     }
   });
-  return y;
+  return y.y;
 }
 
 at::Tensor half_gemv(const at::Tensor& x, const at::Tensor& w, int64_t n, c10::string_view isa) {

@@ -161,7 +161,7 @@ class Int4Linear(nn.Module):
         if layers[0].isa is None or x.device.type != "cpu":
             return None
         lead = x.shape[:-1]
-        y = torch.ops.openmedgemma.int4_gemv_group(x.reshape(-1, layers[0].in_features).float().contiguous(),
+        y = torch.ops.openmedgemma.int4_gemv_group(native.kernel_rows(x, layers[0].in_features),
                                                    [m.weight_int4 for m in layers], [m.scale for m in layers],
                                                    [m.out_features for m in layers])  # fmt: skip
         return y.to(x.dtype).reshape(*lead, y.shape[-1])
@@ -170,7 +170,8 @@ class Int4Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.isa is not None and x.device.type == "cpu":
-            y = int4_gemv(x2.float().contiguous(), self.weight_int4, self.scale, self.out_features).to(x.dtype)
+            y = int4_gemv(native.kernel_rows(x2, self.in_features), self.weight_int4, self.scale, self.out_features)
+            y = y.to(x.dtype)
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
         return y.reshape(*lead, self.out_features)

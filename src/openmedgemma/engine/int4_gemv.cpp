@@ -160,8 +160,7 @@ BlockFn pick(const std::string& isa) {
 // per group instead of one per layer: a small model's decode step is mostly per-call costs).
 at::Tensor int4_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList scale, at::IntArrayRef n,
                            c10::string_view isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
-              "int4_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
+  omg::check_input(x, "int4_gemv");
   TORCH_CHECK(!w.empty() && w.size() == scale.size() && w.size() == n.size(),
               "int4_gemv_group: w, scale and n must be lists of the same, non-zero length");
   const int64_t M = x.size(0), K = x.size(1), G = (K + kGroup - 1) / kGroup;
@@ -177,14 +176,14 @@ at::Tensor int4_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList
   }
   const BlockFn block = pick(std::string(isa));
   std::vector<QuantRow> rows(M);
-  const float* xp = x.data_ptr<float>();
+  std::vector<float> widened;
+  const float* xp = omg::float_rows(x, widened);
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {  // prefill: many rows
     for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, G, rows[m]);
   });
   const omg::GroupLayout group(w, n);
   const int64_t cols = group.cols();
-  at::Tensor y = at::empty({M, cols}, x.options());
-  float* yp = y.data_ptr<float>();
+  const omg::Output y(x, M, cols);
   // Tasks of at least ~32 KB of weights, so a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / (G * kChunk));
   group.for_each_block(n, kBlock, grain, [&](size_t i, int64_t local, int64_t n0, int64_t width) {
@@ -193,10 +192,10 @@ at::Tensor int4_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList
     const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale[i].data_ptr<at::Half>()) + local * G * kBlock;
     for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
       block(rows[m], wp, sp, G, sums);
-      std::memcpy(yp + m * cols + group.first_col[i] + n0, sums, width * sizeof(float));
+      y.store(m * cols + group.first_col[i] + n0, sums, width);
     }
   });
-  return y;
+  return y.y;
 }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t n,

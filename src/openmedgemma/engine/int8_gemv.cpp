@@ -157,8 +157,7 @@ BlockFn pick(const std::string& isa) {
 // [M, sum n], in one parallel loop over every block of every weight (one call per group, not per layer).
 at::Tensor int8_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList scale, at::IntArrayRef n,
                            c10::string_view isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
-              "int8_gemv: x must be a contiguous fp32 CPU matrix [M, K]");
+  omg::check_input(x, "int8_gemv");
   TORCH_CHECK(!w.empty() && w.size() == scale.size() && w.size() == n.size(),
               "int8_gemv_group: w, scale and n must be lists of the same, non-zero length");
   const int64_t M = x.size(0), K = x.size(1);
@@ -173,15 +172,15 @@ at::Tensor int8_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList
                 "int8_gemv: scale must be contiguous fp32 [N]");
   }
   const BlockFn block = pick(std::string(isa));
-  const float* xp = x.data_ptr<float>();
+  std::vector<float> widened;
+  const float* xp = omg::float_rows(x, widened);
   const int64_t G = (K + kGroup - 1) / kGroup;
   std::vector<int16_t> xq(M * K);  // the rows rounded once per call
   std::vector<float> dx(M * G);
   for (int64_t m = 0; m < M; ++m) quantize_row16(xp + m * K, K, xq.data() + m * K, dx.data() + m * G);
   const omg::GroupLayout group(w, n);
   const int64_t cols = group.cols();
-  at::Tensor y = at::empty({M, cols}, x.options());
-  float* yp = y.data_ptr<float>();
+  const omg::Output y(x, M, cols);
   // Tasks of at least ~64 KB of weights, so a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * kBlock));
   group.for_each_block(n, kBlock, grain, [&](size_t i, int64_t local, int64_t n0, int64_t width) {
@@ -190,11 +189,11 @@ at::Tensor int8_gemv_group(const at::Tensor& x, at::TensorList w, at::TensorList
     const float* sp = scale[i].data_ptr<float>() + n0;
     for (int64_t m = 0; m < M; ++m) {  // the block stays in L1/L2 across the rows
       block(xq.data() + m * K, dx.data() + m * G, wp, K, sums);
-      float* out = yp + m * cols + group.first_col[i] + n0;
-      for (int64_t j = 0; j < width; ++j) out[j] = sums[j] * sp[j];
+      for (int64_t j = 0; j < width; ++j) sums[j] *= sp[j];
+      y.store(m * cols + group.first_col[i] + n0, sums, width);
     }
   });
-  return y;
+  return y.y;
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t n,

@@ -31,9 +31,11 @@ import torch.nn.functional as F
 
 from openmedgemma.engine import cpu, hugepages
 
-KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp", "attention.cpp", "blocks.cpp")  # one library, each registers its own ops
+KERNELS = ("int8_gemv.cpp", "half_gemv.cpp", "int4_gemv.cpp", "rms_norm.cpp", "gelu_mul.cpp", "attention.cpp",
+           "blocks.cpp")  # one library, each registers its own ops
 SOURCES = tuple(Path(__file__).with_name(name) for name in KERNELS)
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("gemv_group.h", "widen.h"))  # included by the sources: part of the build's cache key
+ACTIVATIONS = (torch.float32, torch.bfloat16)  # what the pointwise kernels take (and return)
 BLOCK = 32  # output channels per block: kBlock in int8_gemv.cpp
 LOADED: Path | None = None  # the library file this process loaded (its name hashes the sources), if any
 
@@ -92,6 +94,13 @@ def blocks_to_columns(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dense.copy_(blocks.permute(1, 0, 2)).view(k, -1)
 
 
+def kernel_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x as the contiguous rows [M, k] the gemv kernels take: fp32 or bf16 as it is (they return y in its dtype,
+    rounding each output once as a conversion after them would), other dtypes as fp32."""
+    x2 = x.reshape(-1, k)
+    return (x2 if x2.dtype in ACTIVATIONS else x2.float()).contiguous()
+
+
 def int8_gemv(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, n: int, isa: str = "auto") -> torch.Tensor:
     """fp32 x [M, K] times the blocked int8 weight, times scale [N] -> fp32 [M, N] (needs `int8_gemv_available()`).
 
@@ -101,16 +110,24 @@ def int8_gemv(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, n: int
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """The decoder norms' kernel (`rms_norm.cpp`; engine.fast installs it): contiguous fp32 CPU x, else None."""
-    if x.dtype != torch.float32 or gain.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+    """The decoder norms' kernel (`rms_norm.cpp`; engine.fast installs it): contiguous fp32 or bf16 CPU x, else None."""
+    if x.dtype not in ACTIVATIONS or gain.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
         return None
     return torch.ops.openmedgemma.rms_norm(x, gain, eps)
 
 
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """The MLP's gelu_tanh(gate) * up from the gate|up projection [..., 2 I] (`gelu_mul.cpp`; engine.fast installs
+    it): contiguous fp32 or bf16 CPU input, else None."""
+    if gate_up.dtype not in ACTIVATIONS or gate_up.device.type != "cpu" or not gate_up.is_contiguous():
+        return None
+    return torch.ops.openmedgemma.gelu_tanh_mul(gate_up)
+
+
 def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor | None:
     """Attention of one query per row over the cache (`attention.cpp`; engine.fast installs it): CPU
-    q [B, Hq, 1, D], k / v [B, Hkv, S, D], all fp32 or all bf16 (a bf16 cache is widened as it is read; the result
-    is rounded to bf16 once), mask None or boolean [1 or B, 1, 1, S]; else None (SDPA runs). For bf16, torch's
+    q [B, Hq, 1, D], k / v [B, Hkv, S, D], all fp32 or all bf16 (a bf16 cache is widened as it is read, a bf16 q
+    widened in the op; the result is rounded to bf16 once), mask None or boolean [1 or B, 1, 1, S]; else None (SDPA runs). For bf16, torch's
     SDPA took ~0.3 ms per layer at 4b (4 KV heads of 256, ~100 keys): ~10 ms of a ~140 ms decode step."""
     if q.shape[2] != 1 or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
         return None
@@ -120,7 +137,7 @@ def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor | None:
         return None
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
-    return torch.ops.openmedgemma.decode_attention(q.float(), k, v, mask, scale).to(q.dtype)
+    return torch.ops.openmedgemma.decode_attention(q, k, v, mask, scale)  # in q's dtype
 
 
 def cache_dir() -> Path:
@@ -146,6 +163,8 @@ def int8_gemv_available() -> bool:
         return False
     torch.library.register_fake("openmedgemma::int8_gemv")(_fake)
     torch.library.register_fake("openmedgemma::rms_norm")(lambda x, gain, eps: torch.empty_like(x))
+    torch.library.register_fake("openmedgemma::gelu_tanh_mul")(
+        lambda gate_up: gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2)))
     torch.library.register_fake("openmedgemma::decode_attention")(lambda q, k, v, mask, scale: q.new_empty(q.shape))
     torch.library.register_fake("openmedgemma::blocks_matmul")(lambda x, w, scale, n, isa: x.new_empty((x.shape[0], n)))
     torch.library.register_fake("openmedgemma::int8_gemv_group")(

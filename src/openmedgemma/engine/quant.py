@@ -97,7 +97,7 @@ class Int8Linear(nn.Module):
         blocked = first._packed is None and first.weight_int8.dim() == 3  # the native kernel's layout
         if not blocked or x2.shape[0] > FUSED_MAX_ROWS or x.device.type != "cpu":
             return None
-        y = torch.ops.openmedgemma.int8_gemv_group(x2.float().contiguous(), [m.weight_int8 for m in layers],
+        y = torch.ops.openmedgemma.int8_gemv_group(native.kernel_rows(x2, x2.shape[1]), [m.weight_int8 for m in layers],
                                                    [m.scale.float() for m in layers], [m.out_features for m in layers])
         return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
@@ -108,7 +108,8 @@ class Int8Linear(nn.Module):
         if self._packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._packed, True).to(x.dtype)
         elif decode and self.weight_int8.dim() == 3:
-            y = native.int8_gemv(x2.float().contiguous(), self.weight_int8, self.scale.float(), self.out_features)
+            y = native.int8_gemv(native.kernel_rows(x2, self.in_features), self.weight_int8, self.scale.float(),
+                                 self.out_features)  # fmt: skip
             y = y.to(x.dtype)
         elif decode:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale.to(x.dtype))

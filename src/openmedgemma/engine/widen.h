@@ -1,5 +1,6 @@
 // Weights widened to fp32 in registers, shared by the kernels that read 16-bit or fp32 values (half_gemv.cpp,
-// blocks.cpp, attention.cpp), and the run-time checks for the kernels' AVX-512 variants.
+// blocks.cpp, attention.cpp), fp32 rounded back to bf16 (the kernels' bf16 outputs), and the run-time checks for
+// the kernels' AVX-512 variants.
 
 #pragma once
 
@@ -23,6 +24,52 @@ inline __m256 load8(const Elem<K>* p) {  // 8 values -> 8 fp32 (AVX2 + F16C)
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     if constexpr (K == Kind::bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     else return _mm256_cvtph_ps(h);
+  }
+}
+
+// 8 fp32 -> 8 bf16, rounded to nearest even as torch's conversion rounds (c10::BFloat16), NaN kept a NaN.
+inline void store8_bf16(uint16_t* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // all <= 0xFFFF
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+
+inline uint16_t to_bf16(float f) {  // one value, the same rounding
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + ((u >> 16) & 1) + 0x7FFF) >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+// n values of fp32 or bf16 (T = float or uint16_t) as fp32, and back.
+template <class T>
+inline void widen_row(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    __builtin_memcpy(dst, src, n * sizeof(float));
+  } else {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8<Kind::bf16>(src + i));
+    for (; i < n; ++i) dst[i] = from_bf16(src[i]);
+  }
+}
+
+template <class T>
+inline void narrow_row(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    __builtin_memcpy(dst, src, n * sizeof(float));
+  } else {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) store8_bf16(dst + i, _mm256_loadu_ps(src + i));
+    for (; i < n; ++i) dst[i] = to_bf16(src[i]);
   }
 }
 

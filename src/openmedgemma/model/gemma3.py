@@ -88,10 +88,17 @@ class GemmaMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up_kernel = self.down_kernel = None  # see `project`
+        self.act = None  # optional one-op gelu_tanh(gate) * up an engine installs: act(gate|up) -> h, or None
 
     def forward(self, x):
-        gate, up = project(x, (self.gate_proj, self.up_proj), self.gate_up_kernel).chunk(2, -1)
-        return project(gelu_tanh(gate) * up, (self.down_proj,), self.down_kernel)
+        gate_up = project(x, (self.gate_proj, self.up_proj), self.gate_up_kernel)
+        h = None
+        if self.act is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            h = self.act(gate_up)
+        if h is None:
+            gate, up = gate_up.chunk(2, -1)
+            h = gelu_tanh(gate) * up
+        return project(h, (self.down_proj,), self.down_kernel)
 
 
 class GemmaBlock(nn.Module):
