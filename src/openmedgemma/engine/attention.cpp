@@ -133,7 +133,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(t->dim() == 4 && t->is_cpu() && t->stride(3) == 1,
                 "decode_attention: q, k, v must be CPU [B, heads, T, D] with D contiguous");
   TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == k.scalar_type()) &&
-                  k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+                  k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
               "decode_attention: k and v must be both fp32 or both bf16, q fp32 or their dtype");
   const at::Tensor q32 = q.to(at::kFloat);  // a bf16 q (bf16 activations): widened here, the result rounded once
   const at::Tensor out = k.scalar_type() == at::kFloat ? attend<float>(q32, k, v, mask, scale)

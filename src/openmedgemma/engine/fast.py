@@ -25,7 +25,7 @@ mostly per-call costs (85 kernel calls per token at 130M become 49). For the sam
 decoder on the CPU (fp32 activations, or bf16 for a model loaded in bf16, as the 4b is), the RMSNorms run as one
 op each (`native.rms_norm`, installed on the norms as `fused`: ~20 -> ~9 us per norm from Python, 61 per 130M
 step; 27 -> 10 us at 4b in bf16), the MLPs' gelu(gate) * up as one (`native.gelu_tanh_mul`, installed as `act`:
-34 -> 11 us at 4b), and decode steps attend through `native.decode_attention` (installed as `attend`; torch's
+34 -> 22 us at 4b in bf16), and decode steps attend through `native.decode_attention` (installed as `attend`; torch's
 CPU SDPA reads the cache at ~5 GB/s for one query). The kernels take and return bf16 rows as they are (no
 conversion op around each call). At 4b int4, 2 threads, the eager step went from ~95 to ~72 ms with these.
 

@@ -56,26 +56,29 @@ inline float gelu1(float g) {
 template <class T>  // float or uint16_t (bf16)
 void gelu_mul_rows(const T* xp, T* yp, int64_t rows, int64_t I) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / I), [&](int64_t begin, int64_t end) {
-    std::vector<float> g(I), u(I);
+    constexpr bool bf16 = !std::is_same_v<T, float>;
+    std::vector<float> gb(bf16 ? I : 0), ub(bf16 ? I : 0), ob(bf16 ? I : 0);  // bf16 rows: widened, then rounded
     for (int64_t r = begin; r < end; ++r) {
-      omg::widen_row(xp + r * 2 * I, g.data(), I);
-      omg::widen_row(xp + r * 2 * I + I, u.data(), I);
+      const float* g = omg::as_float(xp + r * 2 * I, gb.data(), I);
+      const float* u = omg::as_float(xp + r * 2 * I + I, ub.data(), I);
+      float* out;
+      if constexpr (bf16) out = ob.data(); else out = yp + r * I;
       int64_t j = 0;
       for (; j + 8 <= I; j += 8) {
-        __m256 a = gelu8(_mm256_loadu_ps(g.data() + j));
-        if constexpr (!std::is_same_v<T, float>) {  // gelu's output is a bf16 tensor in torch: round it first
+        __m256 a = gelu8(_mm256_loadu_ps(g + j));
+        if constexpr (bf16) {  // gelu's output is a bf16 tensor in torch: round it first
           alignas(32) uint16_t h[8];
           omg::store8_bf16(h, a);
           a = omg::load8<omg::Kind::bf16>(h);
         }
-        _mm256_storeu_ps(g.data() + j, _mm256_mul_ps(a, _mm256_loadu_ps(u.data() + j)));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(a, _mm256_loadu_ps(u + j)));
       }
       for (; j < I; ++j) {
         float a = gelu1(g[j]);
-        if constexpr (!std::is_same_v<T, float>) a = omg::from_bf16(omg::to_bf16(a));
-        g[j] = a * u[j];
+        if constexpr (bf16) a = omg::from_bf16(omg::to_bf16(a));
+        out[j] = a * u[j];
       }
-      omg::narrow_row(g.data(), yp + r * I, I);
+      if constexpr (bf16) omg::narrow_bf16(out, yp + r * I, I);
     }
   });
 }

@@ -29,7 +29,7 @@ inline void check_input(const at::Tensor& x, const char* op) {
 inline const float* float_rows(const at::Tensor& x, std::vector<float>& held) {
   if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
   held.resize(x.numel());
-  widen_row(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), held.data(), x.numel());
+  widen_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), held.data(), x.numel());
   return held.data();
 }
 
@@ -41,7 +41,7 @@ struct Output {
   Output(const at::Tensor& x, int64_t M, int64_t cols)
       : y(at::empty({M, cols}, x.options())), base(y.data_ptr()), bf16(x.scalar_type() == at::kBFloat16) {}
   void store(int64_t at, const float* sums, int64_t width) const {
-    if (bf16) narrow_row(sums, static_cast<uint16_t*>(base) + at, width);
+    if (bf16) narrow_bf16(sums, static_cast<uint16_t*>(base) + at, width);
     else std::memcpy(static_cast<float*>(base) + at, sums, width * sizeof(float));
   }
 };

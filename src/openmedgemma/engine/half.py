@@ -123,7 +123,7 @@ class HalfLinear(nn.Module):
         x2 = x.reshape(-1, layers[0].in_features)
         if not layers[0].isa or x2.shape[0] > DECODE_MAX_ROWS or x.device.type != "cpu":
             return None
-        y = torch.ops.openmedgemma.half_gemv_group(native.kernel_rows(x2, x2.shape[1]), [m.weight_half for m in layers],
+        y = torch.ops.openmedgemma.half_gemv_group(native.kernel_rows(x, x.shape[-1]), [m.weight_half for m in layers],
                                                    [m.out_features for m in layers], layers[0].isa)  # fmt: skip
         return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 

@@ -127,9 +127,10 @@ def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor | None:
     """Attention of one query per row over the cache (`attention.cpp`; engine.fast installs it): CPU
     q [B, Hq, 1, D], k / v [B, Hkv, S, D], all fp32 or all bf16 (a bf16 cache is widened as it is read, a bf16 q
-    widened in the op; the result is rounded to bf16 once), mask None or boolean [1 or B, 1, 1, S]; else None (SDPA runs). For bf16, torch's
-    SDPA took ~0.3 ms per layer at 4b (4 KV heads of 256, ~100 keys): ~10 ms of a ~140 ms decode step."""
-    if q.shape[2] != 1 or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+    widened in the op; the result is rounded to bf16 once), mask None or boolean [1 or B, 1, 1, S]; else None
+    (SDPA runs). For bf16, torch's SDPA took ~0.3 ms per layer at 4b (4 KV heads of 256, ~100 keys): ~10 ms of a
+    ~140 ms decode step."""
+    if q.shape[2] != 1 or q.device.type != "cpu" or q.dtype not in ACTIVATIONS:
         return None
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return None

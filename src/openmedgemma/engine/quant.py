@@ -97,7 +97,7 @@ class Int8Linear(nn.Module):
         blocked = first._packed is None and first.weight_int8.dim() == 3  # the native kernel's layout
         if not blocked or x2.shape[0] > FUSED_MAX_ROWS or x.device.type != "cpu":
             return None
-        y = torch.ops.openmedgemma.int8_gemv_group(native.kernel_rows(x2, x2.shape[1]), [m.weight_int8 for m in layers],
+        y = torch.ops.openmedgemma.int8_gemv_group(native.kernel_rows(x, x.shape[-1]), [m.weight_int8 for m in layers],
                                                    [m.scale.float() for m in layers], [m.out_features for m in layers])
         return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 

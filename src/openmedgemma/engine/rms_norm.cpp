@@ -28,11 +28,13 @@ template <class T>  // float or uint16_t (bf16)
 void norm_rows(const T* xp, const float* gp, T* yp, int64_t rows, int64_t D, int64_t G, float e) {
   const float inv_d = 1.0f / static_cast<float>(D);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
-    std::vector<float> h(D), out(D);
+    constexpr bool bf16 = !std::is_same_v<T, float>;
+    std::vector<float> h(bf16 ? D : 0), o(bf16 ? D : 0);  // bf16 rows: widened, normed, then rounded
     for (int64_t r = begin; r < end; ++r) {
-      omg::widen_row(xp + r * D, h.data(), D);
-      const float* xr = h.data();
+      const float* xr = omg::as_float(xp + r * D, h.data(), D);
       const float* g = gp + (r % G) * D;
+      float* out;
+      if constexpr (bf16) out = o.data(); else out = yp + r * D;
       __m256 acc = _mm256_setzero_ps();
       int64_t k = 0;
       for (; k + 8 <= D; k += 8) {
@@ -45,7 +47,7 @@ void norm_rows(const T* xp, const float* gp, T* yp, int64_t rows, int64_t D, int
       for (; k < D; ++k) ss += xr[k] * xr[k];
       const float scale = 1.0f / std::sqrt(ss * inv_d + e);
       for (int64_t j = 0; j < D; ++j) out[j] = (xr[j] * scale) * g[j];
-      omg::narrow_row(out.data(), yp + r * D, D);
+      if constexpr (bf16) omg::narrow_bf16(out, yp + r * D, D);
     }
   });
 }

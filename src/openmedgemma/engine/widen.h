@@ -4,6 +4,7 @@
 
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -37,39 +38,31 @@ inline void store8_bf16(uint16_t* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
 }
 
-inline uint16_t to_bf16(float f) {  // one value, the same rounding
-  uint32_t u;
-  __builtin_memcpy(&u, &f, 4);
-  return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + ((u >> 16) & 1) + 0x7FFF) >> 16);
+// One value each way, with c10's own conversions (the same rounding as store8_bf16).
+inline uint16_t to_bf16(float f) { return c10::detail::round_to_nearest_even(f); }
+inline float from_bf16(uint16_t h) { return c10::detail::f32_from_bits(h); }
+
+// n bf16 values as fp32, and back (rounded).
+inline void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8<Kind::bf16>(src + i));
+  for (; i < n; ++i) dst[i] = from_bf16(src[i]);
 }
 
-inline float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
+inline void narrow_bf16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8_bf16(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = to_bf16(src[i]);
 }
 
-// n values of fp32 or bf16 (T = float or uint16_t) as fp32, and back.
+// A row of T (float, or uint16_t holding bf16) as fp32: the row itself, or widened into `buf`.
 template <class T>
-inline void widen_row(const T* src, float* dst, int64_t n) {
+inline const float* as_float(const T* row, float* buf, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    __builtin_memcpy(dst, src, n * sizeof(float));
+    return row;
   } else {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8<Kind::bf16>(src + i));
-    for (; i < n; ++i) dst[i] = from_bf16(src[i]);
-  }
-}
-
-template <class T>
-inline void narrow_row(const float* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    __builtin_memcpy(dst, src, n * sizeof(float));
-  } else {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) store8_bf16(dst + i, _mm256_loadu_ps(src + i));
-    for (; i < n; ++i) dst[i] = to_bf16(src[i]);
+    widen_bf16(row, buf, n);
+    return buf;
   }
 }
 
